@@ -1,0 +1,77 @@
+"""Validated configuration objects: the one place where defaults live."""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class KCacheConfig(_Frozen):
+    """How KCache approximates decode attention.
+
+    Each decode step scores the query against every cached K exactly, keeps the `top_n` tokens with the
+    largest softmax weights (plus `sink_tokens` first and `recent_tokens` last tokens, always), reads
+    only their V rows from host memory and returns their weighted sum. Defaults come from
+    docs/accuracy (renormalised group selection holds SmolLM2's accuracy at small N).
+    """
+
+    top_n: int = Field(64, ge=1, description="tokens selected per head (or KV group) at each decode step")
+    selection: Literal["group", "head"] = Field(
+        "group", description="group: one set per KV head from its query group's summed weights; head: one per query head"
+    )
+    renormalize: bool = Field(True, description="divide the kept weights by their sum (else drop the missing mass)")
+    dense_layers: int = Field(0, ge=0, description="the first L layers keep a full KV cache on the device")
+    sink_tokens: int = Field(0, ge=0, description="first tokens always selected, on top of top_n")
+    recent_tokens: int = Field(0, ge=0, description="last tokens always selected, on top of top_n")
+
+    @property
+    def budget(self) -> int:
+        """V rows read per head (or group) per step, at most."""
+        return self.top_n + self.sink_tokens + self.recent_tokens
+
+
+class SamplingParams(_Frozen):
+    """Per-request sampling and stop conditions (greedy by default)."""
+
+    max_tokens: int = Field(64, ge=1)
+    temperature: float = Field(0.0, ge=0.0, allow_inf_nan=False)
+    top_k: int = Field(0, ge=0, description="0 disables top-k filtering")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, allow_inf_nan=False)
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0 or self.top_k == 1
+
+
+class EngineConfig(_Frozen):
+    """Engine and memory settings shared by generate, bench and serve."""
+
+    model: str = "smollm2"
+    load_format: Literal["auto", "dummy"] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    device: str = "auto"
+    cache: Literal["kcache", "full"] = "kcache"
+    kcache: KCacheConfig = KCacheConfig()
+    block_size: int = Field(16, ge=1)
+    max_model_len: int | None = Field(None, ge=1, description="defaults to the model's context length")
+    max_num_seqs: int = Field(256, ge=1)
+    max_num_batched_tokens: int = Field(2048, ge=16, description="prefill tokens per step (chunked prefill)")
+    device_memory_fraction: float = Field(0.9, gt=0.0, le=1.0)
+    device_cache_bytes: int | None = Field(None, ge=1, description="explicit device pool size; overrides the fraction")
+    host_cache_bytes: int | None = Field(None, ge=1, description="host V pool size; default: as many tokens as the device pool")
+    seed: int = 0
+    tensor_parallel_size: int = Field(1, ge=1)
+
+    @model_validator(mode="after")
+    def _check(self) -> "EngineConfig":
+        if self.max_model_len is not None and self.max_num_batched_tokens < self.block_size:
+            raise ValueError("max_num_batched_tokens must be at least block_size")
+        return self
