@@ -19,14 +19,22 @@ class KCacheConfig(_Frozen):
     docs/accuracy (renormalised group selection holds SmolLM2's accuracy at small N).
     """
 
-    top_n: int = Field(64, ge=1, description="tokens selected per head (or KV group) at each decode step")
-    selection: Literal["group", "head"] = Field(
-        "group", description="group: one set per KV head from its query group's summed weights; head: one per query head"
+    top_n: int = Field(64, ge=0, description="tokens selected per head (or KV group) at each decode step")
+    selection: Literal["group", "head", "random"] = Field(
+        "group",
+        description="group: one set per KV head from its query group's summed weights; head: one set per query head; "
+        "random: top_n random tokens per KV head (a baseline, not a method to use)",
     )
     renormalize: bool = Field(True, description="divide the kept weights by their sum (else drop the missing mass)")
     dense_layers: int = Field(0, ge=0, description="the first L layers keep a full KV cache on the device")
     sink_tokens: int = Field(0, ge=0, description="first tokens always selected, on top of top_n")
     recent_tokens: int = Field(0, ge=0, description="last tokens always selected, on top of top_n")
+
+    @model_validator(mode="after")
+    def _check(self) -> "KCacheConfig":
+        if self.budget < 1:
+            raise ValueError("top_n + sink_tokens + recent_tokens must be at least 1")
+        return self
 
     @property
     def budget(self) -> int:

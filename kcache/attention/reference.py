@@ -66,10 +66,13 @@ def select_tokens(p: torch.Tensor, lengths: torch.Tensor, cfg: KCacheConfig) -> 
     """Indices of the kept tokens: p [B, Hkv, G, L] -> positions [B, Hkv, 1 or G, n], n = budget capped at L.
 
     `group` ranks tokens by the summed weight of the KV head's query group (one set per KV head), `head` by each
-    query head's own weight. Sinks and recent tokens are forced in by ranking them above any weight.
+    query head's own weight, `random` at random (a baseline). Sinks and recent tokens are forced in by ranking
+    them above any weight.
     """
     L = p.shape[-1]
-    rank = p.sum(2, keepdim=True) if cfg.selection == "group" else p  # [B, Hkv, 1|G, L]
+    rank = p if cfg.selection == "head" else p.sum(2, keepdim=True)  # [B, Hkv, 1|G, L]
+    if cfg.selection == "random":
+        rank = torch.rand_like(rank).masked_fill(rank == 0, -1.0)  # never a padding position over a real token
     if cfg.sink_tokens or cfg.recent_tokens:
         pos = torch.arange(L, device=p.device)[None]  # [1, L]
         length = lengths.long()[:, None]  # [B, 1]

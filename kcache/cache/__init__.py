@@ -1,0 +1,1 @@
+"""Caches: FullKV and KCache over device and host block pools."""

@@ -1,0 +1,197 @@
+"""FullKV and KCache: one interface, two places for V.
+
+Both keep K for every layer in a paged device pool `[layers, blocks, block_size, kv_heads, head_dim]`.
+FullKV keeps V beside it on the device. KCache keeps V of the first `dense_layers` layers on the device and
+the rest in one host allocation of the same block layout (block ids are shared), registered with CUDA once so
+kernels read it in place. The model calls `attend(layer, q, k, v, batch)`; the cache stores the new K and V,
+then runs exact prefill or (approximate, for KCache) decode attention.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kcache.attention import decode_ops, reference
+from kcache.config import KCacheConfig
+from kcache.models.config import ModelConfig
+
+
+@dataclass
+class StepBatch:
+    """What attention needs to know about one engine step.
+
+    Prefill: T tokens are chunks of `len(chunk_lens)` sequences, chunk i starting at token `chunk_starts[i]` of the
+    step and at position `context_lens[i]` of its sequence. Decode: one token per sequence, T = B. Teacher-forced
+    scoring (`shared_table`): T consecutive tokens of one sequence, each attending as its own decode step would.
+    """
+
+    is_prefill: bool
+    slot_mapping: torch.Tensor  # [T] long: where each new token's K and V go
+    block_tables: torch.Tensor  # [B, max_blocks] int32
+    lengths: torch.Tensor  # [B] int32: tokens cached per sequence after this step
+    chunk_starts: tuple[int, ...] = ()
+    chunk_lens: tuple[int, ...] = ()
+    context_lens: tuple[int, ...] = ()
+    shared_table: bool = False
+
+
+def bytes_per_token(cfg: ModelConfig, dtype: torch.dtype) -> int:
+    """Bytes of one token's K (or V) over all layers."""
+    return cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * torch.empty((), dtype=dtype).element_size()
+
+
+def host_empty(shape, dtype, device: torch.device) -> torch.Tensor:
+    """An exact-size host allocation; registered with CUDA once when the model runs there, so that kernels read
+    it in place (pin_memory would round the size up to a power of two)."""
+    t = torch.empty(shape, dtype=dtype)
+    if device.type == "cuda" and t.numel():
+        err = torch.cuda.cudart().cudaHostRegister(t.data_ptr(), t.numel() * t.element_size(), 0)
+        if int(err) != 0:
+            raise RuntimeError(f"cudaHostRegister of {t.numel() * t.element_size()} bytes failed: {err}")
+    return t
+
+
+class PagedKVCache:
+    """Shared storage and prefill; subclasses decide where V lives and how decode reads it."""
+
+    def __init__(self, cfg: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device):
+        self.cfg, self.num_blocks, self.block_size = cfg, num_blocks, block_size
+        self.dtype, self.device = dtype, torch.device(device)
+        self.ops = decode_ops(self.device)
+        shape = (cfg.num_layers, num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
+        self.k = torch.empty(shape, dtype=dtype, device=self.device)
+        self.mass: torch.Tensor | None = None  # [layers, B, H] mass kept in the last decode step
+
+    @property
+    def num_tokens(self) -> int:
+        return self.num_blocks * self.block_size
+
+    def v_layer(self, layer: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    def device_bytes(self) -> int:
+        raise NotImplementedError
+
+    def host_bytes(self) -> int:
+        return 0
+
+    def attend(self, layer: int, q, k, v, batch: StepBatch) -> torch.Tensor:
+        """Store this step's K/V [T, Hkv, D], then attend: q [T, H, D] -> [T, H, D]."""
+        kc, vc = self.k[layer], self.v_layer(layer)
+        Hkv, D = k.shape[1], k.shape[2]
+        kc.view(-1, Hkv, D)[batch.slot_mapping] = k
+        _store_rows(vc, v, batch.slot_mapping)
+        if batch.is_prefill:
+            return self._prefill(q, k, v, kc, vc, batch)
+        if batch.shared_table:
+            return self._score(layer, q, kc, vc, batch)
+        return self._decode(layer, q, kc, vc, batch)
+
+    def _prefill(self, q, k, v, kc, vc, batch: StepBatch) -> torch.Tensor:
+        """Exact attention per sequence over its cached prefix and this chunk."""
+        out = torch.empty_like(q)
+        Hkv, D = k.shape[1], k.shape[2]
+        for i, (s, n, ctx) in enumerate(zip(batch.chunk_starts, batch.chunk_lens, batch.context_lens)):
+            ks, vs = k[s:s + n], v[s:s + n]
+            if ctx:  # earlier chunks: K from the device pool, V streamed back in bulk from wherever it lives
+                slots, _ = reference.token_slots(batch.block_tables[i:i + 1], batch.lengths[i:i + 1] - n, self.block_size, ctx)
+                ks = torch.cat([kc.view(-1, Hkv, D)[slots[0]], ks])
+                vs = torch.cat([vc.view(-1, Hkv, D)[slots[0].to(vc.device)].to(q.device, non_blocking=True), vs])
+            out[s:s + n] = reference.prefill_attention(q[s:s + n], ks, vs, ctx)
+        return out
+
+    def _sequence_slots(self, batch: StepBatch) -> torch.Tensor:
+        """Slots [1, L] of the one sequence of a teacher-forced batch."""
+        return reference.token_slots(batch.block_tables[:1], batch.lengths[-1:], self.block_size)[0]
+
+    def _exact_score(self, q, kc, vc, batch: StepBatch) -> torch.Tensor:
+        """Teacher-forced rows with exact attention: causal attention of the rows over the sequence."""
+        slots = self._sequence_slots(batch)[0]
+        Hkv, D = kc.shape[-2], kc.shape[-1]
+        k = kc.view(-1, Hkv, D)[slots]
+        v = vc.view(-1, Hkv, D)[slots.to(vc.device)].to(q.device)
+        return reference.prefill_attention(q, k, v, k.shape[0] - q.shape[0])
+
+    def _score(self, layer, q, kc, vc, batch):
+        return self._exact_score(q, kc, vc, batch)
+
+    def _decode(self, layer, q, kc, vc, batch):
+        raise NotImplementedError
+
+
+def _store_rows(pool: torch.Tensor, rows: torch.Tensor, slots: torch.Tensor) -> None:
+    """pool [blocks, block_size, Hkv, D] (device or host) <- rows [T, Hkv, D] at slots [T]."""
+    flat = pool.view(-1, rows.shape[1], rows.shape[2])
+    if pool.device == rows.device:
+        flat[slots] = rows
+    else:
+        flat[slots.to(pool.device)] = rows.to(pool.device)
+
+
+class FullKV(PagedKVCache):
+    """The ordinary KV cache: K and V on the model's device."""
+
+    def __init__(self, cfg, num_blocks, block_size, dtype, device):
+        super().__init__(cfg, num_blocks, block_size, dtype, device)
+        self.v = torch.empty_like(self.k)
+
+    def v_layer(self, layer):
+        return self.v[layer]
+
+    def device_bytes(self) -> int:
+        return 2 * self.k.numel() * self.k.element_size()
+
+    def _decode(self, layer, q, kc, vc, batch):
+        return self.ops.full_decode(q, kc, vc, batch.block_tables, batch.lengths)
+
+
+class KCache(PagedKVCache):
+    """K on the device; V in host memory except for the first `dense_layers` layers; top-N decode."""
+
+    def __init__(self, cfg, num_blocks, block_size, dtype, device, kcfg: KCacheConfig):
+        super().__init__(cfg, num_blocks, block_size, dtype, device)
+        self.kcfg = kcfg
+        self.dense = min(kcfg.dense_layers, cfg.num_layers)
+        shape = self.k.shape[1:]
+        self.v_dense = torch.empty((self.dense, *shape), dtype=dtype, device=self.device)
+        self.v_host = host_empty((cfg.num_layers - self.dense, *shape), dtype, self.device)
+
+    def v_layer(self, layer):
+        return self.v_dense[layer] if layer < self.dense else self.v_host[layer - self.dense]
+
+    def device_bytes(self) -> int:
+        return (self.k.numel() + self.v_dense.numel()) * self.k.element_size()
+
+    def host_bytes(self) -> int:
+        return self.v_host.numel() * self.v_host.element_size()
+
+    def begin_decode(self, batch_size: int) -> None:
+        """Fresh per-layer record of the mass kept, [layers, B, H] (1.0 for dense layers)."""
+        self.mass = torch.ones(self.cfg.num_layers, batch_size, self.cfg.num_heads, device=self.device)
+
+    def _decode(self, layer, q, kc, vc, batch):
+        if layer < self.dense:
+            return self.ops.full_decode(q, kc, vc, batch.block_tables, batch.lengths)
+        ops = reference if self.kcfg.selection == "random" else self.ops  # the baseline has no kernel
+        out, mass = ops.kcache_decode(q, kc, vc, batch.block_tables, batch.lengths, self.kcfg)
+        if self.mass is not None:
+            self.mass[layer].copy_(mass)
+        return out
+
+    def _score(self, layer, q, kc, vc, batch):
+        if layer < self.dense:
+            return self._exact_score(q, kc, vc, batch)
+        slots = self._sequence_slots(batch)  # [1, L]
+        Hkv, D = kc.shape[-2], kc.shape[-1]
+        k = kc.view(-1, Hkv, D)[slots].transpose(1, 2)  # [1, Hkv, L, D]: one copy of K for every row
+        valid = torch.arange(slots.shape[1], device=q.device)[None, :] < batch.lengths[:, None]  # [T, L]
+        read_v = reference.pool_v_reader(vc, slots, q.device)
+        out, mass = reference.kcache_attend(q, k, valid, batch.lengths, read_v, self.kcfg)
+        self.mass[layer].copy_(mass)
+        return out
+
+    def v_rows_read(self, length: int) -> int:
+        """V rows one sequence of `length` cached tokens reads from the host per decode step."""
+        per_layer = self.cfg.num_kv_heads if self.kcfg.selection == "group" else self.cfg.num_heads
+        return (self.cfg.num_layers - self.dense) * per_layer * min(self.kcfg.budget, length)

@@ -1,0 +1,29 @@
+"""Decode-time statistics of a cache, shared by the engine, the Hugging Face integration and the evaluation."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+
+@dataclass
+class CacheStats:
+    """Accumulated over decode steps. Mass kept: softmax weight of the selected tokens, per layer and query head."""
+
+    decode_steps: int = 0
+    mass_kept_sum: float = 0.0  # sum over (step, layer, head) samples
+    mass_kept_count: int = 0
+    mass_kept_min: float = 1.0
+    v_bytes_read: int = 0  # V bytes read from host memory by the top-N gather
+    device_bytes: int = 0  # bytes the cache holds on the model's device (K, plus V of dense layers / FullKV)
+    host_bytes: int = 0  # bytes the cache holds in host memory (V)
+
+    @property
+    def mass_kept_mean(self) -> float:
+        return self.mass_kept_sum / self.mass_kept_count if self.mass_kept_count else 1.0
+
+    def add_mass(self, total: float, count: int, minimum: float) -> None:
+        self.mass_kept_sum += total
+        self.mass_kept_count += count
+        self.mass_kept_min = min(self.mass_kept_min, minimum)
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "mass_kept_mean": self.mass_kept_mean}

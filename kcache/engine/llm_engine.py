@@ -1,0 +1,244 @@
+"""The engine: requests in, tokens out, one scheduled step at a time."""
+from __future__ import annotations
+
+import itertools
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from kcache.cache.kv import FullKV, KCache, PagedKVCache, StepBatch
+from kcache.config import EngineConfig, SamplingParams
+from kcache.engine.block_manager import BlockManager
+from kcache.engine.memory import PoolPlan, plan_pools
+from kcache.engine.model_runner import ModelRunner
+from kcache.engine.sampling import sample
+from kcache.engine.scheduler import Scheduler
+from kcache.engine.sequence import Sequence, Status
+from kcache.models import loader
+
+
+class RequestError(ValueError):
+    """A request the engine cannot serve (too long, empty, ...): the message says why."""
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    prompt_token_ids: list[int]
+    token_ids: list[int]  # completion so far
+    new_token_ids: list[int]  # added by the last step
+    text: str
+    finished: bool
+    finish_reason: str | None
+    metrics: dict = field(default_factory=dict)
+
+
+@dataclass
+class StepRecord:
+    is_prefill: bool
+    seconds: float
+    num_tokens: int
+
+
+class LLMEngine:
+    def __init__(self, cfg: EngineConfig, loaded: loader.LoadedModel | None = None):
+        self.cfg = cfg
+        self.loaded = loaded or loader.load(cfg.model, cfg.load_format, cfg.dtype, cfg.device, cfg.seed)
+        self.model, self.model_config, self.tokenizer = self.loaded.model, self.loaded.config, self.loaded.tokenizer
+        self.device = next(self.model.parameters()).device
+        self.dtype = next(self.model.parameters()).dtype
+        self.max_model_len = cfg.max_model_len or self.model_config.max_position_embeddings
+        self.model_config.check_context(self.max_model_len)
+        self.eos_ids = set(self.model_config.eos_token_ids)
+        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
+            self.eos_ids.add(self.tokenizer.eos_token_id)
+        self.plan = plan_pools(cfg, self.model_config, self.dtype, self.device, self._activation_peak(), self.max_model_len)
+        self.cache = self._make_cache(cfg)
+        self.blocks = BlockManager(self.plan.num_blocks, cfg.block_size)
+        self.scheduler = Scheduler(self.blocks, cfg.max_num_seqs, cfg.max_num_batched_tokens)
+        self.runner = ModelRunner(self.model, self.cache)
+        self.seqs: dict[str, Sequence] = {}
+        self.callbacks: dict[str, Callable[[RequestOutput], None]] = {}
+        self.steps: list[StepRecord] = []
+        self._ids = itertools.count()
+
+    def _make_cache(self, cfg: EngineConfig) -> PagedKVCache:
+        args = (self.model_config, self.plan.num_blocks, cfg.block_size, self.dtype, self.device)
+        return FullKV(*args) if cfg.cache == "full" else KCache(*args, cfg.kcache)
+
+    def _activation_peak(self) -> int:
+        """Peak device memory of the largest prefill step, measured once on CUDA (0 elsewhere)."""
+        if self.device.type != "cuda":
+            return 0
+        n = self.cfg.max_num_batched_tokens
+        bs = self.cfg.block_size
+        cache = FullKV(self.model_config, math.ceil(n / bs), bs, self.dtype, self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        before = torch.cuda.memory_allocated(self.device)
+        batch = StepBatch(True, torch.arange(n, device=self.device), torch.arange(cache.num_blocks, device=self.device,
+                          dtype=torch.int32)[None], torch.tensor([n], device=self.device, dtype=torch.int32), (0,), (n,), (0,))
+        with torch.inference_mode():
+            hidden = self.model(torch.zeros(n, dtype=torch.long, device=self.device), torch.arange(n, device=self.device), cache, batch)
+            self.model.logits(hidden[-1:])
+        peak = torch.cuda.max_memory_allocated(self.device) - before
+        del cache, hidden
+        torch.cuda.empty_cache()
+        return peak
+
+    # ---- requests -------------------------------------------------------------------------------------------
+
+    def encode(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise RequestError("this model has no tokenizer: pass token ids")
+            return self.tokenizer.encode(prompt, add_special_tokens=True)
+        return list(prompt)
+
+    def add_request(self, prompt: str | list[int], params: SamplingParams | None = None, request_id: str | None = None,
+                    on_output: Callable[[RequestOutput], None] | None = None) -> str:
+        params = params or SamplingParams()
+        ids = self.encode(prompt)
+        if not ids:
+            raise RequestError("the prompt is empty")
+        if len(ids) >= self.max_model_len:
+            raise RequestError(f"the prompt has {len(ids)} tokens; the context is {self.max_model_len} tokens")
+        if any(t < 0 or t >= self.model_config.vocab_size for t in ids):
+            raise RequestError(f"token ids must lie in [0, {self.model_config.vocab_size})")
+        rid = request_id or f"req-{next(self._ids)}"
+        if rid in self.seqs:
+            raise RequestError(f"duplicate request id {rid!r}")
+        seq = Sequence(rid, ids, params)
+        if params.seed is not None:
+            seq.generator = torch.Generator(device=self.device).manual_seed(params.seed)
+        self.seqs[rid] = seq
+        if on_output is not None:
+            self.callbacks[rid] = on_output
+        self.scheduler.add(seq)
+        return rid
+
+    def abort(self, request_id: str) -> bool:
+        """Cancel a request and free its blocks at once; False if it is unknown or already finished."""
+        seq = self.seqs.get(request_id)
+        if seq is None or seq.is_finished:
+            return False
+        self.scheduler.finish(seq, "abort")
+        self._emit(seq, [])
+        return True
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work()
+
+    # ---- stepping -------------------------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        chunks, is_prefill = self.scheduler.schedule()
+        if not chunks:
+            return []
+        t0 = time.perf_counter()
+        if is_prefill:
+            logits = self.runner.prefill(chunks)
+            ready = [(i, s) for i, (s, n) in enumerate(chunks) if self.scheduler.prefilled(s, n)]
+        else:
+            seqs = [s for s, _ in chunks]
+            logits = self.runner.decode(seqs)
+            self._record_decode_stats(seqs)
+            for s in seqs:
+                s.num_cached = s.num_tokens
+            ready = list(enumerate(seqs))
+        outputs = []
+        if ready:
+            rows = torch.tensor([i for i, _ in ready], device=logits.device)
+            seqs = [s for _, s in ready]
+            tokens = sample(logits[rows], [s.params for s in seqs], [s.generator for s in seqs])
+            now = time.perf_counter()
+            for seq, tok in zip(seqs, tokens):
+                outputs.append(self._append(seq, tok, now))
+        self.steps.append(StepRecord(is_prefill, time.perf_counter() - t0, sum(n for _, n in chunks)))
+        return outputs
+
+    def _append(self, seq: Sequence, token: int, now: float) -> RequestOutput:
+        seq.token_ids.append(token)
+        seq.token_times.append(now)
+        reason = self._stop_reason(seq, token)
+        if reason:
+            self.scheduler.finish(seq, reason)
+        return self._emit(seq, [token])
+
+    def _stop_reason(self, seq: Sequence, token: int) -> str | None:
+        p = seq.params
+        if (token in self.eos_ids and not p.ignore_eos) or token in p.stop_token_ids:
+            return "stop"
+        if p.stop and self.tokenizer is not None:
+            text = self.tokenizer.decode(seq.completion_ids, skip_special_tokens=True)
+            if any(s in text for s in p.stop):
+                return "stop"
+        if len(seq.completion_ids) >= p.max_tokens or seq.num_tokens >= self.max_model_len:
+            return "length"
+        return None
+
+    def _record_decode_stats(self, seqs: list[Sequence]) -> None:
+        if not isinstance(self.cache, KCache):
+            return
+        dense = self.cache.dense
+        row_bytes = self.model_config.head_dim * self.cache.v_host.element_size()
+        for s in seqs:
+            s.v_bytes_read += self.cache.v_rows_read(s.num_tokens) * row_bytes
+        if dense >= self.model_config.num_layers:
+            return
+        m = self.cache.mass[dense:]  # [L', B, H]
+        sums, mins = m.sum((0, 2)).tolist(), m.amin((0, 2)).tolist()
+        per_seq = m.shape[0] * m.shape[2]
+        for s, total, low in zip(seqs, sums, mins):
+            s.mass_kept_sum += total
+            s.mass_kept_count += per_seq
+            s.mass_kept_min = min(s.mass_kept_min, low)
+
+    def _emit(self, seq: Sequence, new: list[int]) -> RequestOutput:
+        out = RequestOutput(
+            request_id=seq.request_id, prompt_token_ids=seq.token_ids[:seq.num_prompt], token_ids=seq.completion_ids,
+            new_token_ids=new, text=self._text(seq) if seq.is_finished else "", finished=seq.is_finished,
+            finish_reason=seq.finish_reason, metrics=self.metrics(seq) if seq.is_finished else {},
+        )
+        cb = self.callbacks.get(seq.request_id)
+        if cb is not None:
+            cb(out)
+        if seq.is_finished:
+            self.callbacks.pop(seq.request_id, None)
+            self.seqs.pop(seq.request_id, None)
+        return out
+
+    def _text(self, seq: Sequence) -> str:
+        if self.tokenizer is None:
+            return ""
+        text = self.tokenizer.decode(seq.completion_ids, skip_special_tokens=True)
+        for s in seq.params.stop:  # the stop string itself is not returned, as in OpenAI's API
+            cut = text.find(s)
+            if cut >= 0:
+                text = text[:cut]
+        return text
+
+    def metrics(self, seq: Sequence) -> dict:
+        times = seq.token_times
+        ttft = times[0] - seq.arrival_time if times else None
+        tpot = (times[-1] - times[0]) / (len(times) - 1) if len(times) > 1 else None
+        return {
+            "prompt_tokens": seq.num_prompt,
+            "completion_tokens": len(seq.completion_ids),
+            "ttft_s": ttft,
+            "tpot_s": tpot,
+            "preemptions": seq.num_preemptions,
+            "mass_kept_mean": seq.mass_kept_sum / seq.mass_kept_count if seq.mass_kept_count else 1.0,
+            "mass_kept_min": seq.mass_kept_min,
+            "v_bytes_read": seq.v_bytes_read,
+        }
+
+    def memory(self) -> dict:
+        """Bytes the pools hold and use now."""
+        used = self.blocks.num_used / max(1, self.blocks.num_blocks)
+        return {
+            "device_pool_bytes": self.cache.device_bytes(), "host_pool_bytes": self.cache.host_bytes(),
+            "pool_tokens": self.plan.num_tokens, "blocks_used": self.blocks.num_used, "usage": used,
+        }

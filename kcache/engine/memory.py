@@ -1,0 +1,73 @@
+"""Sizing the cache pools from the device and host memory budgets."""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+
+from kcache.config import EngineConfig
+from kcache.models.config import ModelConfig
+
+log = logging.getLogger("kcache")
+
+CPU_DEVICE_POOL_BYTES = 2 << 30  # "device" pool on a CPU-only machine, unless given
+
+
+class CacheTooSmallError(ValueError):
+    """The memory budgets leave too few cache tokens for one sequence of max_model_len."""
+
+
+@dataclass(frozen=True)
+class PoolPlan:
+    num_blocks: int
+    block_size: int
+    device_bytes_per_block: int
+    host_bytes_per_block: int
+
+    @property
+    def num_tokens(self) -> int:
+        return self.num_blocks * self.block_size
+
+
+def available_host_bytes() -> int:
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def device_budget(cfg: EngineConfig, device: torch.device, activation_peak: int) -> int:
+    """Bytes the device pool may take: explicit, or a fraction of the device after weights and activations."""
+    if cfg.device_cache_bytes is not None:
+        return cfg.device_cache_bytes
+    if device.type != "cuda":
+        return CPU_DEVICE_POOL_BYTES
+    free, total = torch.cuda.mem_get_info(device)
+    used = total - free
+    return max(0, int(cfg.device_memory_fraction * total) - used - activation_peak)
+
+
+def plan_pools(cfg: EngineConfig, model: ModelConfig, dtype: torch.dtype, device: torch.device,
+               activation_peak: int, max_model_len: int) -> PoolPlan:
+    """Blocks both budgets allow. Host V blocks share the device K blocks' ids, so the smaller count wins."""
+    row = model.num_kv_heads * model.head_dim * torch.empty((), dtype=dtype).element_size() * cfg.block_size
+    if cfg.cache == "full":
+        dev_per_block, host_per_block = 2 * model.num_layers * row, 0
+    else:
+        dense = min(cfg.kcache.dense_layers, model.num_layers)
+        dev_per_block, host_per_block = (model.num_layers + dense) * row, (model.num_layers - dense) * row
+    blocks = device_budget(cfg, device, activation_peak) // dev_per_block
+    if host_per_block:
+        host = cfg.host_cache_bytes if cfg.host_cache_bytes is not None else available_host_bytes() // 2
+        blocks = min(blocks, host // host_per_block)
+    plan = PoolPlan(int(blocks), cfg.block_size, dev_per_block, host_per_block)
+    if plan.num_tokens < max_model_len:
+        raise CacheTooSmallError(
+            f"the cache budgets hold {plan.num_tokens} tokens, fewer than one sequence of max_model_len={max_model_len}: "
+            "raise the device/host cache budget or lower max_model_len"
+        )
+    log.info(
+        "cache pools (%s): %d blocks x %d tokens = %d tokens; device %.2f GiB, host %.2f GiB",
+        cfg.cache, plan.num_blocks, plan.block_size, plan.num_tokens,
+        plan.num_blocks * dev_per_block / 2**30, plan.num_blocks * host_per_block / 2**30,
+    )
+    return plan

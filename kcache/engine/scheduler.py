@@ -1,0 +1,99 @@
+"""Continuous batching: which sequences run in the next step.
+
+A step either prefills (chunks of waiting prompts under a token budget; a long prompt takes several steps)
+or decodes one token for every running sequence. When both kinds of work exist the two alternate, so
+arrivals never stall decoding and decoding never starves arrivals. Admission is FIFO: a prompt is admitted
+only when blocks for all its tokens are free (plus one spare block per running sequence for its next token),
+so nothing is ever over budget. When a decoding sequence needs a block and none is free, the newest running
+sequence is preempted by recompute: its blocks are freed and it is re-queued at the front, to be prefilled
+again (exactly) with its generated tokens. Recompute needs no swap space and prefill is compute-bound and
+fast; swapping K out would cost PCIe traffic both ways, and in KCache mode V already lives on the host.
+"""
+from __future__ import annotations
+
+from collections import deque
+
+from kcache.engine.block_manager import BlockManager
+from kcache.engine.sequence import Sequence, Status
+
+
+class Scheduler:
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int):
+        self.blocks = block_manager
+        self.max_num_seqs, self.max_tokens = max_num_seqs, max_num_batched_tokens
+        self.waiting: deque[Sequence] = deque()
+        self.running: deque[Sequence] = deque()
+        self.last_was_prefill = False
+        self.max_running = 0  # the largest decode batch so far
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> tuple[list[tuple[Sequence, int]], bool]:
+        """The next step: ([(sequence, tokens to compute)], is_prefill)."""
+        if self.waiting and not (self.last_was_prefill and self.running):
+            chunks = self._schedule_prefill()
+            if chunks:
+                self.last_was_prefill = True
+                return chunks, True
+        self.last_was_prefill = False
+        seqs = self._schedule_decode()
+        self.max_running = max(self.max_running, len(seqs))
+        return [(s, 1) for s in seqs], False
+
+    def _schedule_prefill(self) -> list[tuple[Sequence, int]]:
+        budget, chunks = self.max_tokens, []
+        for seq in self.waiting:
+            if budget == 0 or len(self.running) + len(chunks) >= self.max_num_seqs:
+                break
+            if not seq.block_table:
+                if not self.blocks.can_allocate(seq, reserve=len(self.running)):
+                    break  # FIFO: a later, shorter prompt may not overtake (it would starve long prompts)
+                self.blocks.allocate(seq)
+            n = min(seq.num_tokens - seq.num_cached, budget)
+            chunks.append((seq, n))
+            budget -= n
+        return chunks
+
+    def _schedule_decode(self) -> list[Sequence]:
+        scheduled: list[Sequence] = []
+        while self.running and len(scheduled) < self.max_num_seqs:
+            seq = self.running.popleft()
+            while not self.blocks.can_allocate(seq):
+                if self.running:
+                    self.preempt(self.running.pop())
+                else:
+                    self.preempt(seq)
+                    break
+            else:
+                self.blocks.allocate(seq)
+                scheduled.append(seq)
+        self.running.extendleft(reversed(scheduled))
+        return scheduled
+
+    def preempt(self, seq: Sequence) -> None:
+        self.blocks.release(seq)
+        seq.status = Status.WAITING
+        seq.num_preemptions += 1
+        self.waiting.appendleft(seq)
+
+    def prefilled(self, seq: Sequence, n: int) -> bool:
+        """Account n computed tokens; True when the prompt is complete and the sequence starts decoding."""
+        seq.num_cached += n
+        if seq.num_cached < seq.num_tokens:
+            return False
+        self.waiting.remove(seq)
+        seq.status = Status.RUNNING
+        self.running.append(seq)
+        return True
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self.blocks.release(seq)
+        seq.status, seq.finish_reason = Status.FINISHED, reason

@@ -1,0 +1,51 @@
+"""A request as the engine tracks it."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from enum import Enum, auto
+
+import torch
+
+from kcache.config import SamplingParams
+
+
+class Status(Enum):
+    WAITING = auto()  # queued, or prefilling in chunks, or preempted
+    RUNNING = auto()  # decoding
+    FINISHED = auto()
+
+
+@dataclass(eq=False)
+class Sequence:
+    request_id: str
+    token_ids: list[int]
+    params: SamplingParams
+    num_prompt: int = 0
+    num_cached: int = 0  # tokens whose K and V are in the cache
+    block_table: list[int] = field(default_factory=list)
+    status: Status = Status.WAITING
+    finish_reason: str | None = None  # "stop", "length" or "abort"
+    num_preemptions: int = 0
+    arrival_time: float = field(default_factory=time.perf_counter)
+    token_times: list[float] = field(default_factory=list)  # when each completion token was sampled
+    mass_kept_sum: float = 0.0
+    mass_kept_count: int = 0
+    mass_kept_min: float = 1.0
+    v_bytes_read: int = 0
+    generator: torch.Generator | None = None  # per-request seed
+
+    def __post_init__(self):
+        self.num_prompt = self.num_prompt or len(self.token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def completion_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt:]
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is Status.FINISHED
