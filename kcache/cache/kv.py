@@ -36,11 +36,6 @@ class StepBatch:
     shared_table: bool = False
 
 
-def bytes_per_token(cfg: ModelConfig, dtype: torch.dtype) -> int:
-    """Bytes of one token's K (or V) over all layers."""
-    return cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * torch.empty((), dtype=dtype).element_size()
-
-
 def host_empty(shape, dtype, device: torch.device) -> torch.Tensor:
     """An exact-size host allocation; registered with CUDA once when the model runs there, so that kernels read
     it in place (pin_memory would round the size up to a power of two)."""
@@ -71,9 +66,20 @@ class PagedKVCache:
         raise NotImplementedError
 
     def device_bytes(self) -> int:
-        raise NotImplementedError
+        """Bytes of the device pools, allocated once at start."""
+        return self.device_bytes_per_token() * self.num_tokens
 
     def host_bytes(self) -> int:
+        return self.host_bytes_per_token() * self.num_tokens
+
+    def _row_bytes(self) -> int:
+        """One token's K (or V) in one layer."""
+        return self.cfg.num_kv_heads * self.cfg.head_dim * self.k.element_size()
+
+    def device_bytes_per_token(self) -> int:
+        raise NotImplementedError
+
+    def host_bytes_per_token(self) -> int:
         return 0
 
     def attend(self, layer: int, q, k, v, batch: StepBatch) -> torch.Tensor:
@@ -139,8 +145,8 @@ class FullKV(PagedKVCache):
     def v_layer(self, layer):
         return self.v[layer]
 
-    def device_bytes(self) -> int:
-        return 2 * self.k.numel() * self.k.element_size()
+    def device_bytes_per_token(self) -> int:
+        return 2 * self.cfg.num_layers * self._row_bytes()
 
     def _decode(self, layer, q, kc, vc, batch):
         return self.ops.full_decode(q, kc, vc, batch.block_tables, batch.lengths)
@@ -160,11 +166,11 @@ class KCache(PagedKVCache):
     def v_layer(self, layer):
         return self.v_dense[layer] if layer < self.dense else self.v_host[layer - self.dense]
 
-    def device_bytes(self) -> int:
-        return (self.k.numel() + self.v_dense.numel()) * self.k.element_size()
+    def device_bytes_per_token(self) -> int:
+        return (self.cfg.num_layers + self.dense) * self._row_bytes()
 
-    def host_bytes(self) -> int:
-        return self.v_host.numel() * self.v_host.element_size()
+    def host_bytes_per_token(self) -> int:
+        return (self.cfg.num_layers - self.dense) * self._row_bytes()
 
     def begin_decode(self, batch_size: int) -> None:
         """Fresh per-layer record of the mass kept, [layers, B, H] (1.0 for dense layers)."""

@@ -1,0 +1,363 @@
+"""Triton decode attention over the paged pools: FullKV flash-decoding and KCache top-N decode.
+
+Pools (one layer): `[num_blocks, block_size, kv_heads, head_dim]`; slot = block * block_size + offset. Row
+`slot * kv_heads + h` of the flat `[slots * kv_heads, head_dim]` view is one 256-byte (bf16, d=128) vector.
+
+One program handles all G query heads of a KV head, so each K row is read once per step (GQA folded); the
+G rows are padded to 16 for `tl.dot`. The sequence is split so that small batches still fill the GPU; the
+split count depends only on static shapes, so every launch here can be captured in a CUDA graph.
+
+KCache decode runs four launches (a merge level more for very long contexts):
+  scores  K tiles -> scaled logits [B, Hkv, G, L] + per-split (max, sum-exp), so the softmax is exact
+  rank    logits -> probabilities -> ranks (group sum or per head, sinks/recent forced) -> each chunk's top N
+  merge   top N of the chunks' candidates (bitonic top-k in registers) -> positions [B, Hkv, 1|G, N]
+  gather  the selected V rows straight from pinned host memory (UVA), weighted sum, renormalisation
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from kcache.config import KCacheConfig
+
+BLOCK_N = 64  # tokens per K/V tile
+BLOCK_L = 1024  # positions ranked per program (each keeps its local top NP)
+MERGE_KEYS = 4096  # keys per merge program (its register tile)
+GATHER_ROWS = 128  # V rows loaded per gather step (all in flight together)
+MAX_SPLITS = 64  # bounds the reduce's register tile [splits, head_dim]
+PROGRAMS_PER_SM = 4  # split until batch * kv_heads * splits reaches this many programs per SM
+
+
+@functools.lru_cache
+def _num_sms(device: torch.device) -> int:
+    # CPU tensors only reach here under TRITON_INTERPRET=1 (kernel debugging without a GPU).
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+
+
+def _split(batch: int, kv_heads: int, max_len: int, device: torch.device) -> tuple[int, int]:
+    """(splits, tokens per split) from static shapes only: enough programs to fill the GPU."""
+    want = triton.cdiv(PROGRAMS_PER_SM * _num_sms(device), batch * kv_heads)
+    splits = max(1, min(want, MAX_SPLITS, triton.cdiv(max_len, BLOCK_N)))
+    per_split = triton.cdiv(triton.cdiv(max_len, splits), BLOCK_N) * BLOCK_N
+    return triton.cdiv(max_len, per_split), per_split
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    # Triton's default for a float32 dot is tf32 (~3e-4 error), too coarse to rank tokens like the reference.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _pad_rows(g: int) -> int:
+    return max(16, triton.next_power_of_2(g))  # tl.dot needs at least 16 rows
+
+
+@triton.jit
+def _kv_rows(table_row, pos, valid, BS: tl.constexpr, HKV: tl.constexpr, h):
+    """Rows of positions pos [N] in the flat pool [slots * Hkv, D], int64 (pools exceed 2**31 elements)."""
+    page = tl.load(table_row + pos // BS, mask=valid, other=0)
+    return (page.to(tl.int64) * BS + pos % BS) * HKV + h
+
+
+@triton.jit
+def _load_q(q, b, h, HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BG: tl.constexpr):
+    """The G query heads of KV head h, padded with zero rows: [BG, D]."""
+    g = tl.arange(0, BG)
+    d = tl.arange(0, D)
+    return tl.load(q + ((b * HKV + h) * G + g[:, None]) * D + d[None, :], mask=g[:, None] < G, other=0.0)
+
+
+@triton.jit
+def _merge_stats(m_in, l_in, bh, S, G: tl.constexpr, BG: tl.constexpr, SP: tl.constexpr):
+    """Global softmax max M [BG] and normaliser Z [BG] from per-split stats [B*Hkv*G, S]; pad rows get (0, 1)."""
+    g = tl.arange(0, BG)
+    s = tl.arange(0, SP)
+    mask = (g[:, None] < G) & (s[None, :] < S)
+    off = (bh * G + g[:, None]) * S + s[None, :]
+    m = tl.load(m_in + off, mask=mask, other=float("-inf"))
+    l = tl.load(l_in + off, mask=mask, other=0.0)
+    top = tl.where(g < G, tl.max(m, 1), 0.0)
+    z = tl.sum(l * tl.exp(m - top[:, None]), 1)
+    return top, tl.where(g < G, z, 1.0)
+
+
+@triton.jit
+def _full_split_kernel(
+    q, k_cache, v_cache, block_tables, lengths, acc_out, m_out, l_out, scale, max_blocks, per_split,
+    HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BS: tl.constexpr, BG: tl.constexpr,
+    BLOCK_N: tl.constexpr, PREC: tl.constexpr,
+):
+    """Online-softmax attention of one KV head's G queries over one split: unnormalised acc [G, D], max, sum."""
+    b, h, s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    S = tl.num_programs(2)
+    qv = _load_q(q, b, h, HKV, G, D, BG)  # [BG, D]
+    d = tl.arange(0, D)
+    start = s * per_split
+    end = tl.minimum(start + per_split, tl.load(lengths + b))
+    m = tl.full([BG], float("-inf"), tl.float32)
+    l = tl.zeros([BG], tl.float32)
+    acc = tl.zeros([BG, D], tl.float32)
+    for t in range(start, end, BLOCK_N):  # every tile holds a valid token, so m stays finite after it
+        pos = t + tl.arange(0, BLOCK_N)
+        valid = pos < end
+        rows = _kv_rows(block_tables + b * max_blocks, pos, valid, BS, HKV, h)
+        kt = tl.load(k_cache + rows[:, None] * D + d[None, :], mask=valid[:, None], other=0.0)  # [BLOCK_N, D]
+        vt = tl.load(v_cache + rows[:, None] * D + d[None, :], mask=valid[:, None], other=0.0)
+        x = tl.dot(qv, tl.trans(kt), input_precision=PREC) * scale  # [BG, BLOCK_N]
+        x = tl.where(valid[None, :], x, float("-inf"))
+        m_new = tl.maximum(m, tl.max(x, 1))
+        alpha = tl.exp(m - m_new)
+        p = tl.exp(x - m_new[:, None])
+        l = l * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision=PREC)
+        m = m_new
+    g = tl.arange(0, BG)
+    head = (b * HKV + h) * G + g  # [BG] query head index into [B, H]
+    tl.store(acc_out + (head[:, None] * S + s) * D + d[None, :], acc, mask=g[:, None] < G)
+    tl.store(m_out + head * S + s, m, mask=g < G)
+    tl.store(l_out + head * S + s, l, mask=g < G)
+
+
+@triton.jit
+def _full_reduce_kernel(acc_in, m_in, l_in, out, S, D: tl.constexpr, SP: tl.constexpr):
+    """Combine the splits of one query head: out [D] = sum_s e^(m_s - M) acc_s / sum_s e^(m_s - M) l_s."""
+    head = tl.program_id(0)
+    s = tl.arange(0, SP)
+    d = tl.arange(0, D)
+    m = tl.load(m_in + head * S + s, mask=s < S, other=float("-inf"))
+    l = tl.load(l_in + head * S + s, mask=s < S, other=0.0)
+    w = tl.exp(m - tl.max(m, 0))  # empty splits have m = -inf: weight 0
+    acc = tl.load(acc_in + (head * S + s[:, None]) * D + d[None, :], mask=s[:, None] < S, other=0.0)
+    o = tl.sum(acc * w[:, None], 0) / tl.sum(l * w, 0)
+    tl.store(out + head * D + d, o.to(out.dtype.element_ty))
+
+
+@triton.jit
+def _scores_kernel(
+    q, k_cache, block_tables, lengths, logits, m_out, l_out, scale, max_blocks, per_split, L,
+    HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BS: tl.constexpr, BG: tl.constexpr,
+    BLOCK_N: tl.constexpr, PREC: tl.constexpr,
+):
+    """Scaled logits of one KV head's G queries over one split into logits [B, Hkv, G, L], plus max/sum-exp."""
+    b, h, s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    S = tl.num_programs(2)
+    qv = _load_q(q, b, h, HKV, G, D, BG)  # [BG, D]
+    d = tl.arange(0, D)
+    g = tl.arange(0, BG)
+    head = (b * HKV + h) * G + g  # [BG]
+    start = s * per_split
+    end = tl.minimum(start + per_split, tl.load(lengths + b))
+    m = tl.full([BG], float("-inf"), tl.float32)
+    l = tl.zeros([BG], tl.float32)
+    for t in range(start, end, BLOCK_N):
+        pos = t + tl.arange(0, BLOCK_N)
+        valid = pos < end
+        rows = _kv_rows(block_tables + b * max_blocks, pos, valid, BS, HKV, h)
+        kt = tl.load(k_cache + rows[:, None] * D + d[None, :], mask=valid[:, None], other=0.0)  # [BLOCK_N, D]
+        x = tl.dot(qv, tl.trans(kt), input_precision=PREC) * scale  # [BG, BLOCK_N]
+        x = tl.where(valid[None, :], x, float("-inf"))
+        tl.store(logits + head[:, None] * L + pos[None, :], x, mask=(g[:, None] < G) & valid[None, :])
+        m_new = tl.maximum(m, tl.max(x, 1))
+        l = l * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new[:, None]), 1)
+        m = m_new
+    tl.store(m_out + head * S + s, m, mask=g < G)
+    tl.store(l_out + head * S + s, l, mask=g < G)
+
+
+@triton.jit
+def _rank_top_kernel(
+    logits, m_in, l_in, lengths, cand, S, L, sink, recent,
+    HKV: tl.constexpr, G: tl.constexpr, BG: tl.constexpr, SP: tl.constexpr, BLOCK_L: tl.constexpr,
+    NP: tl.constexpr, GROUP: tl.constexpr,
+):
+    """Rank BLOCK_L positions of one KV head as the reference's select_tokens does, keep their top NP.
+
+    Forced tokens rank G + 1 (above any probability sum). A candidate is an int64 key, rank bits << 32 | pos:
+    ranks are >= 0 floats, so keys order like ranks; positions past the sequence get key -1, below all.
+    Output cand [B, Hkv, 1|G, C, NP] (C = programs along axis 1), each chunk's keys in descending order.
+    """
+    bh, c = tl.program_id(0), tl.program_id(1)
+    C = tl.num_programs(1)
+    top, z = _merge_stats(m_in, l_in, bh, S, G, BG, SP)
+    length = tl.load(lengths + bh // HKV)
+    pos = c * BLOCK_L + tl.arange(0, BLOCK_L)
+    g = tl.arange(0, BG)
+    valid = pos < length
+    x = tl.load(logits + (bh * G + g[:, None]) * L + pos[None, :], mask=(g[:, None] < G) & valid[None, :],
+                other=float("-inf"))
+    p = tl.exp(x - top[:, None]) / z[:, None]  # [BG, BLOCK_L], 0 on masked entries
+    forced = ((pos < sink) | (pos >= length - recent)) & valid
+    j = tl.arange(0, NP)
+    if GROUP:
+        r = tl.where(forced, G + 1.0, tl.sum(p, 0))
+        key = tl.where(valid, (r.to(tl.int32, bitcast=True).to(tl.int64) << 32) | pos, -1)
+        tl.store(cand + (bh * C + c) * NP + j, tl.topk(key, NP))
+    else:
+        r = tl.where(forced[None, :], G + 1.0, p)
+        key = tl.where(valid[None, :], (r.to(tl.int32, bitcast=True).to(tl.int64) << 32) | pos[None, :], -1)
+        tl.store(cand + ((bh * G + g[:, None]) * C + c) * NP + j[None, :], tl.topk(key, NP, dim=1),
+                 mask=g[:, None] < G)
+
+
+@triton.jit
+def _merge_top_kernel(cand, out, C, NP: tl.constexpr, FAN: tl.constexpr):
+    """Top NP keys of FAN consecutive chunks of one row: cand [rows, C, NP] -> out [rows, cdiv(C, FAN), NP]."""
+    row, c = tl.program_id(0), tl.program_id(1)
+    k = c * FAN * NP + tl.arange(0, FAN * NP)
+    keys = tl.load(cand + row * C * NP + k, mask=k < C * NP, other=-1)
+    tl.store(out + (row * tl.num_programs(1) + c) * NP + tl.arange(0, NP), tl.topk(keys, NP))
+
+
+@triton.jit
+def _gather_kernel(
+    keys, logits, m_in, l_in, v_cache, block_tables, lengths, out, mass, max_blocks, S, L, n,
+    HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BS: tl.constexpr, BG: tl.constexpr,
+    SP: tl.constexpr, NP: tl.constexpr, CHUNK: tl.constexpr, GROUP: tl.constexpr, RENORM: tl.constexpr,
+):
+    """Weighted sum of one selection's V rows, read in place from the (host) pool.
+
+    group: selection sel = 0 serves all G heads of the KV head; head: selection sel serves query head sel.
+    keys [B, Hkv, 1|G, NP] hold the selected positions in their low 32 bits (-1: none). CHUNK rows are loaded
+    as one tile, so that all of a chunk's PCIe reads are in flight at once.
+    """
+    b, h, sel = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    bh = b * HKV + h
+    top, z = _merge_stats(m_in, l_in, bh, S, G, BG, SP)
+    length = tl.load(lengths + b)
+    g = tl.arange(0, BG)
+    d = tl.arange(0, D)
+    mine = (g < G) if GROUP else (g == sel)  # [BG] query heads served here
+    acc = tl.zeros([BG, D], tl.float32)
+    kept = tl.zeros([BG], tl.float32)
+    for c in range(0, n, CHUNK):
+        j = c + tl.arange(0, CHUNK)
+        key = tl.load(keys + (bh * tl.num_programs(2) + sel) * NP + j, mask=j < n, other=-1)
+        pos = key.to(tl.int32)  # truncation keeps the low 32 bits; -1 stays -1
+        valid = (j < n) & (pos >= 0) & (pos < length)
+        x = tl.load(logits + (bh * G + g[:, None]) * L + pos[None, :], mask=mine[:, None] & valid[None, :],
+                    other=float("-inf"))
+        w = tl.exp(x - top[:, None]) / z[:, None]  # [BG, CHUNK] exact softmax weights of the kept tokens
+        rows = _kv_rows(block_tables + b * max_blocks, pos, valid, BS, HKV, h)
+        v = tl.load(v_cache + rows[:, None] * D + d[None, :], mask=valid[:, None], other=0.0)  # [CHUNK, D]
+        acc += tl.dot(w, v.to(tl.float32), input_precision="ieee")  # float32 like the reference
+        kept += tl.sum(w, 1)
+    if RENORM:
+        acc = acc / tl.where(kept > 0, kept, 1.0)[:, None]
+    head = bh * G + g
+    tl.store(out + head[:, None] * D + d[None, :], acc.to(out.dtype.element_ty), mask=mine[:, None])
+    tl.store(mass + head, kept, mask=mine)
+
+
+def _shapes(q: torch.Tensor, k_cache: torch.Tensor, block_tables: torch.Tensor):
+    B, H, D = q.shape
+    _, bs, Hkv, _ = k_cache.shape
+    return B, H, D, bs, Hkv, H // Hkv, block_tables.shape[1] * bs
+
+
+def full_decode(q, k_cache, v_cache, block_tables, lengths, scale=None):
+    """Exact attention of one query per sequence over its paged cache: q [B, H, D] -> [B, H, D]."""
+    B, H, D, bs, Hkv, G, L = _shapes(q, k_cache, block_tables)
+    scale = scale if scale is not None else 1.0 / math.sqrt(D)
+    S, per_split = _split(B, Hkv, L, q.device)
+    acc = torch.empty(B, H, S, D, dtype=torch.float32, device=q.device)
+    m = torch.empty(B, H, S, dtype=torch.float32, device=q.device)
+    l = torch.empty_like(m)
+    _full_split_kernel[(B, Hkv, S)](
+        q, k_cache, v_cache, block_tables, lengths, acc, m, l, scale, block_tables.shape[1], per_split,
+        HKV=Hkv, G=G, D=D, BS=bs, BG=_pad_rows(G), BLOCK_N=BLOCK_N, PREC=_dot_precision(q.dtype),
+        num_warps=4, num_stages=3,
+    )
+    out = torch.empty_like(q)
+    _full_reduce_kernel[(B * H,)](acc, m, l, out, S, D=D, SP=triton.next_power_of_2(S), num_warps=4)
+    return out
+
+
+def _scores(q, k_cache, block_tables, lengths, scale):
+    """Logits [B, Hkv, G, L] float32 (written up to each length) and per-split stats m, l [B, Hkv, G, S]."""
+    B, H, D, bs, Hkv, G, L = _shapes(q, k_cache, block_tables)
+    S, per_split = _split(B, Hkv, L, q.device)
+    logits = torch.empty(B, Hkv, G, L, dtype=torch.float32, device=q.device)
+    m = torch.empty(B, Hkv, G, S, dtype=torch.float32, device=q.device)
+    l = torch.empty_like(m)
+    _scores_kernel[(B, Hkv, S)](
+        q, k_cache, block_tables, lengths, logits, m, l, scale, block_tables.shape[1], per_split, L,
+        HKV=Hkv, G=G, D=D, BS=bs, BG=_pad_rows(G), BLOCK_N=BLOCK_N, PREC=_dot_precision(q.dtype),
+        num_warps=4, num_stages=3,
+    )
+    return logits, m, l
+
+
+def _select(logits, m, l, lengths, cfg: KCacheConfig):
+    """Keys of the selected tokens [B, Hkv, 1|G, NP], descending (NP = budget rounded up to a power of two)."""
+    B, Hkv, G, L = logits.shape
+    S = m.shape[-1]
+    group = cfg.selection == "group"
+    rows = B * Hkv * (1 if group else G)
+    NP = max(16, triton.next_power_of_2(cfg.budget))
+    block_l = max(BLOCK_L, NP)
+    C = triton.cdiv(L, block_l)
+    cand = torch.empty(rows, C, NP, dtype=torch.int64, device=logits.device)
+    _rank_top_kernel[(B * Hkv, C)](
+        logits, m, l, lengths, cand, S, L, cfg.sink_tokens, cfg.recent_tokens,
+        HKV=Hkv, G=G, BG=triton.next_power_of_2(G), SP=triton.next_power_of_2(S), BLOCK_L=block_l, NP=NP,
+        GROUP=group, num_warps=4,
+    )
+    fan = max(2, MERGE_KEYS // NP)
+    while C > 1:  # a tree of merges: each level keeps the top NP of `fan` chunks
+        merged = torch.empty(rows, triton.cdiv(C, fan), NP, dtype=torch.int64, device=logits.device)
+        _merge_top_kernel[(rows, merged.shape[1])](cand, merged, C, NP=NP, FAN=fan, num_warps=8)
+        cand, C = merged, merged.shape[1]
+    return cand.view(B, Hkv, rows // (B * Hkv), NP)
+
+
+def _gather(keys, logits, m, l, v_cache, block_tables, lengths, cfg: KCacheConfig, out_dtype):
+    """Weighted sums of the selected V rows -> (out [B, H, D], mass [B, H] float32)."""
+    B, Hkv, G, L = logits.shape
+    nsel, NP = keys.shape[2], keys.shape[3]
+    D, bs = v_cache.shape[-1], v_cache.shape[1]
+    out = torch.empty(B, Hkv * G, D, dtype=out_dtype, device=logits.device)
+    mass = torch.empty(B, Hkv * G, dtype=torch.float32, device=logits.device)
+    _gather_kernel[(B, Hkv, nsel)](
+        keys, logits, m, l, v_cache, block_tables, lengths, out, mass, block_tables.shape[1], m.shape[-1], L,
+        cfg.budget, HKV=Hkv, G=G, D=D, BS=bs, BG=_pad_rows(G), SP=triton.next_power_of_2(m.shape[-1]), NP=NP,
+        CHUNK=min(NP, GATHER_ROWS), GROUP=cfg.selection == "group", RENORM=cfg.renormalize, num_warps=4,
+    )
+    return out, mass
+
+
+def kcache_decode(q, k_cache, v_cache, block_tables, lengths, cfg: KCacheConfig, scale=None):
+    """KCache decode over paged pools: q [B, H, D] -> (out [B, H, D], mass_kept [B, H] float32).
+
+    k_cache lives on the GPU; v_cache may be a pinned (or cudaHostRegister-ed) CPU tensor, read in place.
+    """
+    D = q.shape[-1]
+    scale = scale if scale is not None else 1.0 / math.sqrt(D)
+    logits, m, l = _scores(q, k_cache, block_tables, lengths, scale)
+    keys = _select(logits, m, l, lengths, cfg)
+    return _gather(keys, logits, m, l, v_cache, block_tables, lengths, cfg, q.dtype)
+
+
+@triton.jit
+def _store_rows_kernel(pool, rows, slots, n, E: tl.constexpr, EP: tl.constexpr, BR: tl.constexpr):
+    """Copy BR token rows of E = Hkv * D elements each (padded to EP, a power of two) to their slots."""
+    r = tl.program_id(0) * BR + tl.arange(0, BR)
+    e = tl.arange(0, EP)
+    mask = (r[:, None] < n) & (e[None, :] < E)
+    slot = tl.load(slots + r, mask=r < n, other=0).to(tl.int64)
+    x = tl.load(rows + r[:, None].to(tl.int64) * E + e[None, :], mask=mask)
+    tl.store(pool + slot[:, None] * E + e[None, :], x, mask=mask)
+
+
+def store_rows(pool: torch.Tensor, rows: torch.Tensor, slots: torch.Tensor) -> None:
+    """pool.view(-1, Hkv, D)[slots] = rows, written by the GPU straight into a pinned host pool.
+
+    rows [T, Hkv, D] on the GPU, slots [T] int on the GPU; no host sync, so decode steps stay graph-capturable.
+    """
+    E = pool.shape[-2] * pool.shape[-1]
+    T, BR = rows.shape[0], 16
+    _store_rows_kernel[(triton.cdiv(T, BR),)](
+        pool, rows.contiguous(), slots, T, E=E, EP=triton.next_power_of_2(E), BR=BR, num_warps=4
+    )

@@ -1,0 +1,136 @@
+"""`kcache` command line: generate, bench, eval, serve.
+
+Each subcommand lives in its own module, which defines `add_arguments(parser)` and `run(args) -> int`. Errors a
+user can fix are printed as one line on stderr with a non-zero exit, never as a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+SUBCOMMANDS = {
+    "generate": ("kcache.generate_cli", "generate text from a prompt, streaming it to stdout"),
+    "bench": ("kcache.bench.throughput", "offline throughput benchmark (FullKV vs KCache)"),
+    "eval": ("kcache.eval.runner", "accuracy tasks and fidelity metrics against the full cache"),
+    "serve": ("kcache.server.cli", "OpenAI-compatible HTTP server"),
+}
+
+
+class CLIError(Exception):
+    """An error to print as one line."""
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def add_engine_args(p: argparse.ArgumentParser) -> None:
+    """Model, cache and memory options shared by every subcommand that runs the engine."""
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default="smollm2", help="'smollm2' (bundled), a Hugging Face folder, a .gguf file, or a preset/config.json with --load-format dummy")
+    g.add_argument("--load-format", choices=["auto", "dummy"], default="auto", help="dummy: random weights of the model's shapes")
+    g.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto", help="auto: float32 on CPU, bfloat16 on CUDA")
+    g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
+    g.add_argument("--max-model-len", type=positive_int, default=None, help="context length (default: the model's)")
+    c = p.add_argument_group("cache")
+    c.add_argument("--cache", choices=["kcache", "full"], default="kcache", help="kcache: V in host memory, top-N decode; full: ordinary KV cache")
+    c.add_argument("--top-n", type=positive_int, default=None, help="tokens whose V rows are read per head/group per step")
+    c.add_argument("--selection", choices=["group", "head"], default=None, help="one selection per KV group or per query head")
+    c.add_argument("--renormalize", action=argparse.BooleanOptionalAction, default=None, help="renormalize the kept weights")
+    c.add_argument("--dense-layers", type=non_negative_int, default=None, help="first L layers keep a full cache on the device")
+    c.add_argument("--sink-tokens", type=non_negative_int, default=None, help="first tokens always selected")
+    c.add_argument("--recent-tokens", type=non_negative_int, default=None, help="last tokens always selected")
+    m = p.add_argument_group("memory")
+    m.add_argument("--block-size", type=positive_int, default=16)
+    m.add_argument("--max-num-seqs", type=positive_int, default=256, help="largest decode batch")
+    m.add_argument("--max-num-batched-tokens", type=positive_int, default=2048, help="prefill tokens per step")
+    m.add_argument("--device-memory-fraction", type=float, default=0.9, help="share of device memory kcache may use (CUDA)")
+    m.add_argument("--device-cache-gb", type=float, default=None, help="explicit device pool size in GiB")
+    m.add_argument("--host-cache-gb", type=float, default=None, help="host V pool size in GiB (default: as many tokens as the device pool)")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def kcache_config_from_args(args):
+    from kcache.config import KCacheConfig
+
+    names = ("top_n", "selection", "renormalize", "dense_layers", "sink_tokens", "recent_tokens")
+    return KCacheConfig(**{n: getattr(args, n) for n in names if getattr(args, n) is not None})
+
+
+def engine_config_from_args(args, **overrides):
+    from kcache.config import EngineConfig
+
+    gib = lambda x: None if x is None else int(x * 2**30)  # noqa: E731
+    fields = dict(
+        model=args.model, load_format=args.load_format, dtype=args.dtype, device=args.device, cache=args.cache,
+        kcache=kcache_config_from_args(args), block_size=args.block_size, max_model_len=args.max_model_len,
+        max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+        device_memory_fraction=args.device_memory_fraction, device_cache_bytes=gib(args.device_cache_gb),
+        host_cache_bytes=gib(args.host_cache_gb), seed=args.seed,
+    )
+    fields.update(overrides)
+    return EngineConfig(**fields)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kcache", description="KCache: K cache on the accelerator, V cache in host memory.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{" + ",".join(SUBCOMMANDS) + "}")
+    for name, (module, help_text) in SUBCOMMANDS.items():
+        try:
+            mod = importlib.import_module(module)
+        except ModuleNotFoundError as e:
+            if e.name and e.name.startswith("kcache"):
+                continue  # a subcommand not built into this version
+            raise
+        mod.add_arguments(sub.add_parser(name, help=help_text, description=help_text))
+    return parser
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions that mean bad input, not a bug."""
+    from pydantic import ValidationError
+
+    from kcache.engine.llm_engine import RequestError
+    from kcache.engine.memory import CacheTooSmallError
+    from kcache.models.config import UnsupportedModelError
+    from kcache.models.loader import ModelLoadError
+
+    return (CLIError, ValidationError, RequestError, CacheTooSmallError, UnsupportedModelError, ModelLoadError, OSError)
+
+
+def describe(e: BaseException) -> str:
+    from pydantic import ValidationError
+
+    if isinstance(e, ValidationError):
+        return "; ".join(f"{'.'.join(map(str, err['loc'])) or 'value'}: {err['msg']}" for err in e.errors())
+    return str(e)
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="kcache: %(message)s", stream=sys.stderr)
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    args = build_parser().parse_args(argv)
+    module = importlib.import_module(SUBCOMMANDS[args.command][0])
+    try:
+        return module.run(args)
+    except user_errors() as e:
+        print(f"kcache {args.command}: error: {describe(e)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
