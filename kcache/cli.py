@@ -22,6 +22,13 @@ class CLIError(Exception):
     """An error to print as one line."""
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line on stderr (exit 2), like every other error."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 def positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -60,6 +67,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     m.add_argument("--device-cache-gb", type=float, default=None, help="explicit device pool size in GiB")
     m.add_argument("--host-cache-gb", type=float, default=None, help="host V pool size in GiB (default: as many tokens as the device pool)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("-v", "--verbose", action="store_true", help="log the pool sizes and other engine details")
 
 
 def kcache_config_from_args(args):
@@ -85,8 +93,8 @@ def engine_config_from_args(args, **overrides):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="kcache", description="KCache: K cache on the accelerator, V cache in host memory.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{" + ",".join(SUBCOMMANDS) + "}")
+    parser = Parser(prog="kcache", description="KCache: K cache on the accelerator, V cache in host memory.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser, metavar="{" + ",".join(SUBCOMMANDS) + "}")
     for name, (module, help_text) in SUBCOMMANDS.items():
         try:
             mod = importlib.import_module(module)
@@ -119,9 +127,9 @@ def describe(e: BaseException) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="kcache: %(message)s", stream=sys.stderr)
-    logging.getLogger("httpx").setLevel(logging.WARNING)
     args = build_parser().parse_args(argv)
+    chatty = getattr(args, "verbose", False) or args.command in ("bench", "serve")
+    logging.basicConfig(level=logging.INFO if chatty else logging.WARNING, format="kcache: %(message)s", stream=sys.stderr)
     module = importlib.import_module(SUBCOMMANDS[args.command][0])
     try:
         return module.run(args)
@@ -130,7 +138,3 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())

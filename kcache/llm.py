@@ -84,6 +84,7 @@ class LLM:
 
     def _mean_mass(self, n: int) -> torch.Tensor:
         cache = self.engine.cache
-        if getattr(cache, "mass", None) is None or cache.dense >= cache.cfg.num_layers:
+        dense = max(cache.dense, cache.kcfg.dense_layers) if hasattr(cache, "kcfg") else cache.cfg.num_layers
+        if dense >= cache.cfg.num_layers:
             return torch.ones(n)
-        return cache.mass[cache.dense:].mean((0, 2)).cpu()
+        return cache.mass[dense:].mean((0, 2)).cpu()

@@ -50,3 +50,30 @@ def smollm2():
     from kcache.models import loader
 
     return loader.load("smollm2", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_model(tmp_path_factory, smollm2_tokenizer):
+    """A tiny random Llama with SmolLM2's real tokenizer and chat template: fast end-to-end runs of the CLI,
+    engine and server (its text is gibberish; the bundled model is used where words matter)."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    folder = tmp_path_factory.mktemp("tiny-chat")
+    torch.manual_seed(0)
+    cfg = LlamaConfig(**{**TINY, "vocab_size": len(smollm2_tokenizer), "max_position_embeddings": 2048},
+                      tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(folder, safe_serialization=True)
+    smollm2_tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer():
+    import importlib.util
+
+    from transformers import AutoTokenizer
+
+    from kcache.models.loader import BUNDLED_FILE, BUNDLED_PACKAGE
+
+    folder = importlib.util.find_spec(BUNDLED_PACKAGE).submodule_search_locations[0]
+    return AutoTokenizer.from_pretrained(folder, gguf_file=BUNDLED_FILE)

@@ -157,8 +157,8 @@ class KCache(PagedKVCache):
 
     def __init__(self, cfg, num_blocks, block_size, dtype, device, kcfg: KCacheConfig):
         super().__init__(cfg, num_blocks, block_size, dtype, device)
-        self.kcfg = kcfg
-        self.dense = min(kcfg.dense_layers, cfg.num_layers)
+        self.kcfg = kcfg  # may be replaced between steps (the evaluation sweeps it over one prefilled cache)
+        self.dense = min(kcfg.dense_layers, cfg.num_layers)  # layers whose V pool is on the device
         shape = self.k.shape[1:]
         self.v_dense = torch.empty((self.dense, *shape), dtype=dtype, device=self.device)
         self.v_host = host_empty((cfg.num_layers - self.dense, *shape), dtype, self.device)
@@ -176,8 +176,11 @@ class KCache(PagedKVCache):
         """Fresh per-layer record of the mass kept, [layers, B, H] (1.0 for dense layers)."""
         self.mass = torch.ones(self.cfg.num_layers, batch_size, self.cfg.num_heads, device=self.device)
 
+    def _exact(self, layer: int) -> bool:
+        return layer < self.dense or layer < self.kcfg.dense_layers
+
     def _decode(self, layer, q, kc, vc, batch):
-        if layer < self.dense:
+        if self._exact(layer):
             return self.ops.full_decode(q, kc, vc, batch.block_tables, batch.lengths)
         ops = reference if self.kcfg.selection == "random" else self.ops  # the baseline has no kernel
         out, mass = ops.kcache_decode(q, kc, vc, batch.block_tables, batch.lengths, self.kcfg)
@@ -186,7 +189,7 @@ class KCache(PagedKVCache):
         return out
 
     def _score(self, layer, q, kc, vc, batch):
-        if layer < self.dense:
+        if self._exact(layer):
             return self._exact_score(q, kc, vc, batch)
         slots = self._sequence_slots(batch)  # [1, L]
         Hkv, D = kc.shape[-2], kc.shape[-1]
@@ -199,5 +202,6 @@ class KCache(PagedKVCache):
 
     def v_rows_read(self, length: int) -> int:
         """V rows one sequence of `length` cached tokens reads from the host per decode step."""
-        per_layer = self.cfg.num_kv_heads if self.kcfg.selection == "group" else self.cfg.num_heads
-        return (self.cfg.num_layers - self.dense) * per_layer * min(self.kcfg.budget, length)
+        per_layer = self.cfg.num_heads if self.kcfg.selection == "head" else self.cfg.num_kv_heads
+        approx_layers = self.cfg.num_layers - max(self.dense, self.kcfg.dense_layers)
+        return max(0, approx_layers) * per_layer * min(self.kcfg.budget, length)

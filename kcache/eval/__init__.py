@@ -1,0 +1,1 @@
+"""Accuracy evaluation: retrieval tasks (tasks), their haystack prose (haystack) and fidelity metrics (metrics)."""

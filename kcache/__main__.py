@@ -1,0 +1,5 @@
+import sys
+
+from kcache.cli import main
+
+sys.exit(main())

@@ -1,0 +1,176 @@
+"""Engine and caches on tiny random models: batching, preemption, cancellation, stop conditions, stats."""
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from kcache import LLMEngine, RequestError, SamplingParams
+from kcache.cache.kv import FullKV, KCache
+from kcache.config import EngineConfig, KCacheConfig
+from kcache.models import loader
+
+from conftest import save_tiny
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("engine-llama")
+    save_tiny("llama", folder, seed=1)
+    return loader.load(str(folder), device="cpu")
+
+
+def make_engine(loaded, cache="full", kcfg=KCacheConfig(), pool_tokens=4096, **kw):
+    row = loaded.config.num_layers * loaded.config.num_kv_heads * loaded.config.head_dim * 4
+    return LLMEngine(EngineConfig(model="unused", cache=cache, kcache=kcfg, device="cpu", max_model_len=kw.pop("max_model_len", 256),
+                                  device_cache_bytes=2 * row * pool_tokens, host_cache_bytes=row * pool_tokens, **kw), loaded)
+
+
+def run_all(engine, prompts, params, check=None):
+    ids = [engine.add_request(p, params) for p in prompts]
+    done = {}
+    while engine.has_unfinished():
+        for out in engine.step():
+            if out.finished:
+                done[out.request_id] = out
+        if check:
+            check(engine)
+    return [done[i] for i in ids]
+
+
+def prompts(n, seed=0, lo=5, hi=60):
+    rng = random.Random(seed)
+    return [[rng.randrange(3, 500) for _ in range(rng.randint(lo, hi))] for _ in range(n)]
+
+
+GREEDY = SamplingParams(max_tokens=24, ignore_eos=True)
+
+
+@pytest.mark.parametrize("cache", ["full", "kcache"])
+def test_batched_equals_one_at_a_time(llama, cache):
+    kcfg = KCacheConfig(top_n=8, sink_tokens=1, recent_tokens=2)
+    ps = prompts(6)
+    together = [o.token_ids for o in run_all(make_engine(llama, cache, kcfg), ps, GREEDY)]
+    alone = [run_all(make_engine(llama, cache, kcfg), [p], GREEDY)[0].token_ids for p in ps]
+    assert together == alone
+
+
+def blocks_consistent(engine):
+    bm = engine.blocks
+    tables = [b for s in list(engine.scheduler.running) + list(engine.scheduler.waiting) for b in s.block_table]
+    assert len(tables) == len(set(tables)), "a block is in two tables"
+    assert len(tables) + bm.num_free == bm.num_blocks, "blocks leaked or double-freed"
+    assert not set(tables) & set(bm.free)
+
+
+def test_preemption_under_a_tight_pool_keeps_outputs_and_budget(llama):
+    ps = prompts(8, seed=2, lo=20, hi=60)
+    params = SamplingParams(max_tokens=40, ignore_eos=True)
+    roomy = run_all(make_engine(llama, "full"), ps, params)
+    # 256 tokens of pool: every prompt fits alone, not all together, so decoding must preempt
+    tight = make_engine(llama, "full", pool_tokens=256, max_num_batched_tokens=64)
+    outs = run_all(tight, ps, params, check=blocks_consistent)
+    assert [o.token_ids for o in outs] == [o.token_ids for o in roomy]
+    assert sum(o.metrics["preemptions"] for o in outs) > 0
+    assert tight.blocks.num_free == tight.blocks.num_blocks
+
+
+def test_chunked_prefill_equals_one_shot(llama):
+    ps = prompts(3, seed=4, lo=100, hi=200)
+    a = run_all(make_engine(llama, "full", max_num_batched_tokens=16), ps, GREEDY)
+    b = run_all(make_engine(llama, "full", max_num_batched_tokens=2048), ps, GREEDY)
+    assert [o.token_ids for o in a] == [o.token_ids for o in b]
+
+
+def test_no_request_starves_while_others_arrive(llama):
+    engine = make_engine(llama, "full", max_num_batched_tokens=32)
+    first = engine.add_request(prompts(1, seed=5, lo=150, hi=150)[0], SamplingParams(max_tokens=8, ignore_eos=True))
+    finished, steps = set(), 0
+    while first not in finished:
+        engine.add_request(prompts(1, seed=steps)[0], SamplingParams(max_tokens=4, ignore_eos=True))  # a steady stream
+        finished |= {o.request_id for o in engine.step() if o.finished}
+        steps += 1
+        assert steps < 200, "the long request never finished"
+
+
+def test_cancellation_frees_blocks_at_once(llama):
+    engine = make_engine(llama, "kcache")
+    a = engine.add_request(prompts(1)[0], SamplingParams(max_tokens=100, ignore_eos=True))
+    b = engine.add_request(prompts(1, seed=1)[0], SamplingParams(max_tokens=5, ignore_eos=True))
+    engine.step()
+    engine.step()
+    used = engine.blocks.num_used
+    assert engine.abort(a)
+    assert engine.blocks.num_used < used
+    outs = []
+    while engine.has_unfinished():
+        outs += engine.step()
+    assert [o.request_id for o in outs if o.finished] == [b]
+    assert engine.blocks.num_used == 0
+    assert not engine.abort(a)
+
+
+def test_stop_conditions(llama):
+    engine = make_engine(llama, "full")
+    free_run = run_all(engine, [[7, 8, 9]], SamplingParams(max_tokens=12, ignore_eos=True))[0]
+    third = free_run.token_ids[2]
+    stopped = run_all(engine, [[7, 8, 9]], SamplingParams(max_tokens=12, stop_token_ids=(third,)))[0]
+    assert stopped.token_ids == free_run.token_ids[:free_run.token_ids.index(third) + 1]
+    assert stopped.finish_reason == "stop" and free_run.finish_reason == "length"
+    engine.eos_ids = {free_run.token_ids[0]}
+    assert run_all(engine, [[7, 8, 9]], SamplingParams(max_tokens=12))[0].token_ids == free_run.token_ids[:1]
+
+
+def test_dense_layers_make_kcache_exact_there(llama):
+    n = llama.config.num_layers
+    kc = make_engine(llama, "kcache", KCacheConfig(top_n=2, dense_layers=n))
+    full = make_engine(llama, "full")
+    ps = prompts(3, seed=9)
+    assert [o.token_ids for o in run_all(kc, ps, GREEDY)] == [o.token_ids for o in run_all(full, ps, GREEDY)]
+    assert kc.cache.host_bytes() == 0 and kc.cache.v_host.numel() == 0
+
+
+def test_stats_count_rows_read_and_mass(llama):
+    cfg = llama.config
+    kcfg = KCacheConfig(top_n=4, dense_layers=1, selection="head")
+    engine = make_engine(llama, "kcache", kcfg)
+    prompt = prompts(1, seed=3, lo=30, hi=30)[0]
+    out = run_all(engine, [prompt], SamplingParams(max_tokens=10, ignore_eos=True))[0]
+    # decode steps see 31..39 cached tokens; each reads top_n rows per query head in every non-dense layer
+    expected = sum((cfg.num_layers - 1) * cfg.num_heads * min(4, n) * cfg.head_dim * 4 for n in range(31, 40))
+    assert out.metrics["v_bytes_read"] == expected
+    assert 0 < out.metrics["mass_kept_min"] <= out.metrics["mass_kept_mean"] < 1
+    assert isinstance(engine.cache, KCache) and engine.cache.v_host.device.type == "cpu"
+    assert engine.cache.device_bytes_per_token() == (cfg.num_layers + 1) * cfg.num_kv_heads * cfg.head_dim * 4
+    assert engine.cache.host_bytes_per_token() == (cfg.num_layers - 1) * cfg.num_kv_heads * cfg.head_dim * 4
+
+
+def test_kcache_stores_v_in_the_host_pool(llama):
+    kc = make_engine(llama, "kcache", KCacheConfig(top_n=4))
+    full = make_engine(llama, "full")
+    for e in (kc, full):
+        run_all(e, [[5, 6, 7, 8, 9]], SamplingParams(max_tokens=1))
+    assert isinstance(full.cache, FullKV)
+    # same prompt, same first blocks: the host pool of KCache holds exactly FullKV's device V
+    torch.testing.assert_close(kc.cache.v_host[:, 0, :5], full.cache.v[:, 0, :5])
+    torch.testing.assert_close(kc.cache.k[:, 0, :5], full.cache.k[:, 0, :5])
+
+
+def test_request_errors(llama):
+    engine = make_engine(llama, "full", max_model_len=64)
+    with pytest.raises(RequestError, match="context"):
+        engine.add_request(list(range(3, 80)))
+    with pytest.raises(RequestError, match="empty"):
+        engine.add_request([])
+    with pytest.raises(RequestError, match="token ids"):
+        engine.add_request([10**6])
+
+
+def test_seeded_sampling_is_reproducible(llama):
+    engine = make_engine(llama, "full")
+    p = SamplingParams(max_tokens=16, temperature=0.9, top_k=50, top_p=0.9, seed=123, ignore_eos=True)
+    a, b = run_all(engine, [[4, 5, 6], [4, 5, 6]], p)
+    assert a.token_ids == b.token_ids
+    c = run_all(engine, [[4, 5, 6]], p.model_copy(update={"seed": 7}))[0]
+    assert c.token_ids != a.token_ids
