@@ -1,0 +1,168 @@
+"""`kcache bench`: offline throughput in the manner of `vllm bench throughput`, FullKV and KCache in one engine.
+
+All prompts are submitted at once (random token ids, `ignore_eos`), so the scheduler admits as many as the
+memory budgets allow: the largest concurrent batch is where KCache's halved device footprint shows.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from kcache.cli import add_engine_args, engine_config_from_args, positive_int
+
+RATIO_KEYS = ("requests_per_s", "output_tokens_per_s", "decode_tokens_per_s", "max_concurrent_seqs", "mean_ttft_s", "mean_tpot_s")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--input-len", type=positive_int, default=1024, help="prompt tokens")
+    p.add_argument("--output-len", type=positive_int, default=128, help="generated tokens per request")
+    p.add_argument("--num-prompts", type=positive_int, default=32)
+    p.add_argument("--random-range-ratio", type=float, default=0.0,
+                   help="draw each length uniformly from [len*(1-r), len*(1+r)] (0: all equal)")
+    p.add_argument("--compare", action="store_true", help="run KCache and FullKV in one process and print the ratio")
+    p.add_argument("--output-json", type=Path, help="write the results here")
+    add_engine_args(p)
+
+
+def make_requests(args, vocab: int) -> list[tuple[list[int], int]]:
+    rng = random.Random(args.seed)
+    r = args.random_range_ratio
+
+    def draw(n: int) -> int:
+        return max(1, rng.randint(int(n * (1 - r)), int(n * (1 + r)))) if r else n
+
+    return [([rng.randrange(10, vocab) for _ in range(draw(args.input_len))], draw(args.output_len))
+            for _ in range(args.num_prompts)]
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    s = sorted(values)
+    return s[min(len(s) - 1, int(round(q / 100 * (len(s) - 1))))]
+
+
+def run_mode(cfg, loaded, requests) -> dict:
+    from kcache.config import SamplingParams
+    from kcache.engine.llm_engine import LLMEngine
+
+    engine = LLMEngine(cfg, loaded)
+    if engine.device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    for ids, out_len in requests:
+        engine.add_request(ids, SamplingParams(max_tokens=out_len, ignore_eos=True))
+    finished = []
+    with tqdm(total=len(requests), desc=f"bench {cfg.cache}", unit="req", file=sys.stderr) as bar:
+        while engine.has_unfinished():
+            for out in engine.step():
+                if out.finished:
+                    finished.append(out)
+                    bar.update(1)
+    if engine.device.type == "cuda":
+        torch.cuda.synchronize()
+    elapsed = time.perf_counter() - t0
+    result = summarize(engine, finished, elapsed)
+    del engine
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return result
+
+
+def summarize(engine, finished, elapsed: float) -> dict:
+    decode = [s for s in engine.steps if not s.is_prefill]
+    decode_s = sum(s.seconds for s in decode)
+    out_tokens = sum(len(o.token_ids) for o in finished)
+    ttft = [o.metrics["ttft_s"] for o in finished if o.metrics["ttft_s"] is not None]
+    tpot = [o.metrics["tpot_s"] for o in finished if o.metrics["tpot_s"] is not None]
+    mem = engine.memory()
+    return {
+        "cache": engine.cfg.cache,
+        "kcache": engine.cfg.kcache.model_dump() if engine.cfg.cache == "kcache" else None,
+        "requests": len(finished),
+        "elapsed_s": elapsed,
+        "requests_per_s": len(finished) / elapsed,
+        "output_tokens_per_s": out_tokens / elapsed,
+        "decode_tokens_per_s": sum(s.num_tokens for s in decode) / decode_s if decode_s else float("nan"),
+        "decode_seconds": decode_s,
+        "prefill_seconds": sum(s.seconds for s in engine.steps if s.is_prefill),
+        "mean_ttft_s": sum(ttft) / len(ttft), "p50_ttft_s": percentile(ttft, 50), "p99_ttft_s": percentile(ttft, 99),
+        "mean_tpot_s": sum(tpot) / len(tpot) if tpot else float("nan"),
+        "p50_tpot_s": percentile(tpot, 50), "p99_tpot_s": percentile(tpot, 99),
+        "max_concurrent_seqs": engine.scheduler.max_running,
+        "preemptions": sum(o.metrics["preemptions"] for o in finished),
+        "pool_tokens": mem["pool_tokens"],
+        "device_pool_bytes": mem["device_pool_bytes"],
+        "host_pool_bytes": mem["host_pool_bytes"],
+        "device_peak_bytes": torch.cuda.max_memory_allocated() if engine.device.type == "cuda" else None,
+        "mass_kept_mean": sum(o.metrics["mass_kept_mean"] for o in finished) / len(finished),
+    }
+
+
+def machine() -> dict:
+    info = {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
+            "cpu_count": os.cpu_count(), "processor": platform.processor() or platform.machine()}
+    if torch.cuda.is_available():
+        info["card"] = torch.cuda.get_device_name()
+        info["card_memory_bytes"] = torch.cuda.get_device_properties(0).total_memory
+    return info
+
+
+def print_table(results: dict[str, dict], ratio: dict | None) -> None:
+    rows = ["requests_per_s", "output_tokens_per_s", "decode_tokens_per_s", "mean_ttft_s", "p50_ttft_s", "p99_ttft_s",
+            "mean_tpot_s", "p50_tpot_s", "p99_tpot_s", "max_concurrent_seqs", "preemptions", "pool_tokens",
+            "device_pool_bytes", "host_pool_bytes", "mass_kept_mean"]
+    modes = list(results)
+    header = f"{'metric':<22}" + "".join(f"{m:>16}" for m in modes) + (f"{'kcache/full':>14}" if ratio else "")
+    print(header)
+    for key in rows:
+        line = f"{key:<22}" + "".join(f"{_fmt(results[m][key]):>16}" for m in modes)
+        if ratio:
+            line += f"{_fmt(ratio.get(key)) if key in ratio else '':>14}"
+        print(line)
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return f"{v:,}" if isinstance(v, int) else str(v)
+
+
+def run(args) -> int:
+    from kcache.models import loader
+
+    modes = ["kcache", "full"] if args.compare else [args.cache]
+    base = engine_config_from_args(args)
+    loaded = loader.load(base.model, base.load_format, base.dtype, base.device, base.seed)
+    requests = make_requests(args, loaded.config.vocab_size)
+    longest = max(len(p) + n for p, n in requests)
+    results = {}
+    for mode in modes:
+        cfg = base.model_copy(update={"cache": mode, "max_model_len": base.max_model_len or longest})
+        results[mode] = run_mode(cfg, loaded, requests)
+    ratio = None
+    if args.compare:
+        ratio = {k: results["kcache"][k] / results["full"][k] for k in RATIO_KEYS if results["full"][k]}
+    print_table(results, ratio)
+    if args.output_json:
+        payload = {"command": " ".join(["kcache", *sys.argv[1:]]) if sys.argv[0].endswith("kcache") else " ".join(sys.argv),
+                   "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+                   "machine": machine(), "model": loaded.source, "results": results, "kcache_over_full": ratio}
+        args.output_json.parent.mkdir(parents=True, exist_ok=True)
+        args.output_json.write_text(json.dumps(payload, indent=2))
+        print(f"wrote {args.output_json}", file=sys.stderr)
+    return 0
