@@ -65,6 +65,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     m.add_argument("--max-num-batched-tokens", type=positive_int, default=2048, help="prefill tokens per step")
     m.add_argument("--device-memory-fraction", type=float, default=0.9, help="share of device memory kcache may use (CUDA)")
     m.add_argument("--device-cache-gb", type=float, default=None, help="explicit device pool size in GiB")
+    m.add_argument("--enforce-eager", action="store_true", help="run decode without CUDA graphs")
     m.add_argument("--host-cache-gb", type=float, default=None, help="host V pool size in GiB (default: as many tokens as the device pool)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("-v", "--verbose", action="store_true", help="log the pool sizes and other engine details")
@@ -86,7 +87,7 @@ def engine_config_from_args(args, **overrides):
         kcache=kcache_config_from_args(args), block_size=args.block_size, max_model_len=args.max_model_len,
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         device_memory_fraction=args.device_memory_fraction, device_cache_bytes=gib(args.device_cache_gb),
-        host_cache_bytes=gib(args.host_cache_gb), seed=args.seed,
+        host_cache_bytes=gib(args.host_cache_gb), seed=args.seed, enforce_eager=args.enforce_eager,
     )
     fields.update(overrides)
     return EngineConfig(**fields)

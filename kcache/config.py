@@ -76,6 +76,7 @@ class EngineConfig(_Frozen):
     device_cache_bytes: int | None = Field(None, ge=1, description="explicit device pool size; overrides the fraction")
     host_cache_bytes: int | None = Field(None, ge=1, description="host V pool size; default: as many tokens as the device pool")
     seed: int = 0
+    enforce_eager: bool = Field(False, description="never capture CUDA graphs for decode")
     tensor_parallel_size: int = Field(1, ge=1)
 
     @model_validator(mode="after")

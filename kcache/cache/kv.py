@@ -87,12 +87,21 @@ class PagedKVCache:
         kc, vc = self.k[layer], self.v_layer(layer)
         Hkv, D = k.shape[1], k.shape[2]
         kc.view(-1, Hkv, D)[batch.slot_mapping] = k
-        _store_rows(vc, v, batch.slot_mapping)
+        self._store_rows(vc, v, batch.slot_mapping)
         if batch.is_prefill:
             return self._prefill(q, k, v, kc, vc, batch)
         if batch.shared_table:
             return self._score(layer, q, kc, vc, batch)
         return self._decode(layer, q, kc, vc, batch)
+
+    def _store_rows(self, pool: torch.Tensor, rows: torch.Tensor, slots: torch.Tensor) -> None:
+        """pool [blocks, block_size, Hkv, D] (device or host) <- rows [T, Hkv, D] at slots [T]."""
+        if pool.device == rows.device:
+            pool.view(-1, rows.shape[1], rows.shape[2])[slots] = rows
+        elif hasattr(self.ops, "store_rows"):  # the GPU writes the host pool in place: no sync, graph-capturable
+            self.ops.store_rows(pool, rows, slots)
+        else:
+            pool.view(-1, rows.shape[1], rows.shape[2])[slots.to(pool.device)] = rows.to(pool.device)
 
     def _prefill(self, q, k, v, kc, vc, batch: StepBatch) -> torch.Tensor:
         """Exact attention per sequence over its cached prefix and this chunk."""
@@ -126,15 +135,6 @@ class PagedKVCache:
         raise NotImplementedError
 
 
-def _store_rows(pool: torch.Tensor, rows: torch.Tensor, slots: torch.Tensor) -> None:
-    """pool [blocks, block_size, Hkv, D] (device or host) <- rows [T, Hkv, D] at slots [T]."""
-    flat = pool.view(-1, rows.shape[1], rows.shape[2])
-    if pool.device == rows.device:
-        flat[slots] = rows
-    else:
-        flat[slots.to(pool.device)] = rows.to(pool.device)
-
-
 class FullKV(PagedKVCache):
     """The ordinary KV cache: K and V on the model's device."""
 
@@ -162,6 +162,7 @@ class KCache(PagedKVCache):
         shape = self.k.shape[1:]
         self.v_dense = torch.empty((self.dense, *shape), dtype=dtype, device=self.device)
         self.v_host = host_empty((cfg.num_layers - self.dense, *shape), dtype, self.device)
+        self._mass_buffer: torch.Tensor | None = None
 
     def v_layer(self, layer):
         return self.v_dense[layer] if layer < self.dense else self.v_host[layer - self.dense]
@@ -173,8 +174,12 @@ class KCache(PagedKVCache):
         return (self.cfg.num_layers - self.dense) * self._row_bytes()
 
     def begin_decode(self, batch_size: int) -> None:
-        """Fresh per-layer record of the mass kept, [layers, B, H] (1.0 for dense layers)."""
-        self.mass = torch.ones(self.cfg.num_layers, batch_size, self.cfg.num_heads, device=self.device)
+        """Fresh per-layer record of the mass kept, [layers, B, H] (1.0 for exact layers). One buffer, grown
+        when needed, so that a captured CUDA graph keeps writing where the engine reads."""
+        if self._mass_buffer is None or self._mass_buffer.shape[1] < batch_size:
+            self._mass_buffer = torch.ones(self.cfg.num_layers, batch_size, self.cfg.num_heads, device=self.device)
+        self.mass = self._mass_buffer[:, :batch_size]
+        self.mass.fill_(1.0)
 
     def _exact(self, layer: int) -> bool:
         return layer < self.dense or layer < self.kcfg.dense_layers

@@ -57,9 +57,10 @@ class LLMEngine:
             self.eos_ids.add(self.tokenizer.eos_token_id)
         self.plan = plan_pools(cfg, self.model_config, self.dtype, self.device, self._activation_peak(), self.max_model_len)
         self.cache = self._make_cache(cfg)
-        self.blocks = BlockManager(self.plan.num_blocks, cfg.block_size)
+        graphs = self.device.type == "cuda" and not cfg.enforce_eager
+        self.blocks = BlockManager(self.plan.num_blocks - graphs, cfg.block_size)  # graphs pad into the last block
         self.scheduler = Scheduler(self.blocks, cfg.max_num_seqs, cfg.max_num_batched_tokens)
-        self.runner = ModelRunner(self.model, self.cache)
+        self.runner = ModelRunner(self.model, self.cache, cfg.max_num_seqs, self.max_model_len, graphs)
         self.seqs: dict[str, Sequence] = {}
         self.callbacks: dict[str, Callable[[RequestOutput], None]] = {}
         self.steps: list[StepRecord] = []
@@ -188,7 +189,7 @@ class LLMEngine:
             s.v_bytes_read += self.cache.v_rows_read(s.num_tokens) * row_bytes
         if dense >= self.model_config.num_layers:
             return
-        m = self.cache.mass[dense:]  # [L', B, H]
+        m = self.cache.mass[dense:, :len(seqs)]  # [L', B, H]
         sums, mins = m.sum((0, 2)).tolist(), m.amin((0, 2)).tolist()
         per_seq = m.shape[0] * m.shape[2]
         for s, total, low in zip(seqs, sums, mins):

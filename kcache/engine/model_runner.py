@@ -1,4 +1,9 @@
-"""Turns a scheduled step into tensors, runs the model, returns the logits to sample from."""
+"""Turns a scheduled step into tensors, runs the model, returns the logits to sample from.
+
+On CUDA, decode steps replay CUDA graphs captured once per batch-size bucket (as nano-vllm does): the
+kernels take their grid from static shapes (the block-table width), and rows that pad a batch up to its
+bucket write into a scratch block that no sequence owns.
+"""
 from __future__ import annotations
 
 import torch
@@ -8,10 +13,17 @@ from kcache.engine.sequence import Sequence
 from kcache.models.llama import LlamaForCausalLM
 
 
+GRAPH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256, 320, 384, 448, 512)
+
+
 class ModelRunner:
-    def __init__(self, model: LlamaForCausalLM, cache: PagedKVCache):
+    def __init__(self, model: LlamaForCausalLM, cache: PagedKVCache, max_num_seqs: int = 1, max_model_len: int = 1,
+                 use_graphs: bool = False):
         self.model, self.cache = model, cache
         self.device, self.block_size = cache.device, cache.block_size
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        if use_graphs and self.device.type == "cuda":
+            self._capture_graphs(max_num_seqs, -(-max_model_len // self.block_size))
 
     def _tensor(self, data, dtype=torch.long) -> torch.Tensor:
         return torch.tensor(data, dtype=dtype, device=self.device)
@@ -55,12 +67,68 @@ class ModelRunner:
             block_tables=self._block_tables(seqs),
             lengths=self._tensor([s.num_tokens for s in seqs], torch.int32),
         )
+        if self.graphs and len(seqs) <= max(self.graphs):
+            return self.model.logits(self._replay(seqs))
         if isinstance(self.cache, KCache):
             self.cache.begin_decode(len(seqs))
         hidden = self.model(
             self._tensor([s.token_ids[-1] for s in seqs]), self._tensor([s.num_tokens - 1 for s in seqs]), self.cache, batch
         )
         return self.model.logits(hidden)
+
+    # ---- CUDA graphs ------------------------------------------------------------------------------------------
+
+    def _capture_graphs(self, max_num_seqs: int, max_blocks: int) -> None:
+        """One graph per bucket up to max_num_seqs, largest first so the smaller ones reuse its memory pool."""
+        buckets = [b for b in GRAPH_BUCKETS if b < max_num_seqs] + [min(max_num_seqs, GRAPH_BUCKETS[-1])]
+        n = buckets[-1]
+        scratch = self.cache.num_blocks - 1  # reserved by the engine: padding rows write here
+        self.static = {
+            "ids": torch.zeros(n, dtype=torch.long, device=self.device),
+            "pos": torch.zeros(n, dtype=torch.long, device=self.device),
+            "slots": torch.full((n,), scratch * self.block_size, dtype=torch.long, device=self.device),
+            "tables": torch.full((n, max_blocks), scratch, dtype=torch.int32, device=self.device),
+            "lens": torch.ones(n, dtype=torch.int32, device=self.device),
+        }
+        self.scratch = scratch
+        if isinstance(self.cache, KCache):
+            self.cache.begin_decode(n)  # allocates the mass buffer at its final size before capture
+        pool = None
+        with torch.inference_mode():
+            for b in reversed(buckets):
+                run = self._static_forward(b)
+                run()  # warm-up: compiles the kernels outside the capture
+                torch.cuda.synchronize()
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool):
+                    hidden = run()
+                pool = graph.pool()
+                self.graphs[b] = (graph, hidden)
+
+    def _static_forward(self, b: int):
+        st = self.static
+        batch = StepBatch(is_prefill=False, slot_mapping=st["slots"][:b], block_tables=st["tables"][:b], lengths=st["lens"][:b])
+        return lambda: self.model(st["ids"][:b], st["pos"][:b], self.cache, batch)
+
+    def _replay(self, seqs: list[Sequence]) -> torch.Tensor:
+        B = len(seqs)
+        bucket = min(b for b in self.graphs if b >= B)
+        st = self.static
+        bs = self.block_size
+        st["ids"][:B] = self._tensor([s.token_ids[-1] for s in seqs])
+        st["pos"][:B] = self._tensor([s.num_tokens - 1 for s in seqs])
+        st["slots"][:B] = self._tensor([self._slots(s, s.num_tokens - 1, s.num_tokens)[0] for s in seqs])
+        st["lens"][:B] = self._tensor([s.num_tokens for s in seqs], torch.int32)
+        st["tables"][:bucket] = self.scratch
+        table = self._block_tables(seqs)
+        st["tables"][:B, :table.shape[1]] = table
+        st["slots"][B:bucket] = self.scratch * bs
+        st["lens"][B:bucket] = 1
+        if isinstance(self.cache, KCache):
+            self.cache.begin_decode(bucket)
+        graph, hidden = self.graphs[bucket]
+        graph.replay()
+        return hidden[:B]
 
     @torch.inference_mode()
     def score_chunk(self, seq: Sequence, n: int) -> torch.Tensor:
