@@ -139,14 +139,15 @@ def prefill_attention(q, k, v, start: int, scale=None):
     t, H, D = q.shape
     total = k.shape[0]
     scale = scale if scale is not None else 1.0 / math.sqrt(D)
+    gqa = {"enable_gqa": True}
+    if q.is_cuda:  # the flash / memory-efficient kernels need equal head counts; the math fallback would OOM
+        k, v = (x.repeat_interleave(H // x.shape[1], dim=1) for x in (k, v))
+        gqa = {}
+    q, k, v = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)
     if start == 0:
-        out = F.scaled_dot_product_attention(
-            q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), is_causal=True, scale=scale, enable_gqa=True
-        )
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, **gqa)
     else:
         qpos = torch.arange(start, start + t, device=q.device)
         mask = torch.arange(total, device=q.device)[None, :] <= qpos[:, None]  # [t, total]
-        out = F.scaled_dot_product_attention(
-            q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=mask, scale=scale, enable_gqa=True
-        )
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, **gqa)
     return out.transpose(0, 1)

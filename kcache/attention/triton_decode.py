@@ -26,6 +26,7 @@ from kcache.config import KCacheConfig
 
 BLOCK_N = 64  # tokens per K/V tile
 BLOCK_L = 1024  # positions ranked per program (each keeps its local top NP)
+RANK_WARPS = 8  # warps of a rank program: its bitonic top-k trades shuffles against shared-memory rounds
 MERGE_KEYS = 4096  # keys per merge program (its register tile)
 GATHER_ROWS = 128  # V rows loaded per gather step (all in flight together)
 MAX_SPLITS = 64  # bounds the reduce's register tile [splits, head_dim]
@@ -303,7 +304,7 @@ def _select(logits, m, l, lengths, cfg: KCacheConfig):
     _rank_top_kernel[(B * Hkv, C)](
         logits, m, l, lengths, cand, S, L, cfg.sink_tokens, cfg.recent_tokens,
         HKV=Hkv, G=G, BG=triton.next_power_of_2(G), SP=triton.next_power_of_2(S), BLOCK_L=block_l, NP=NP,
-        GROUP=group, num_warps=4,
+        GROUP=group, num_warps=RANK_WARPS,
     )
     fan = max(2, MERGE_KEYS // NP)
     while C > 1:  # a tree of merges: each level keeps the top NP of `fan` chunks

@@ -1,0 +1,163 @@
+"""Triton decode kernels against the float64 torch reference (needs CUDA and Triton; skipped elsewhere).
+
+Every check draws fresh inputs, and poisons the allocator's free memory with NaN first, so an output (or a
+workspace entry) that a kernel forgets to write shows up as NaN instead of as a stale value.
+"""
+import math
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+if not torch.cuda.is_available():
+    pytest.skip("needs a CUDA GPU", allow_module_level=True)
+
+from kcache.attention import reference as ref  # noqa: E402
+from kcache.attention import triton_decode as td  # noqa: E402
+from kcache.config import KCacheConfig  # noqa: E402
+
+HKV, G, D, BS = 8, 4, 128, 16  # Llama-3.1-8B attention shapes, the engine's block size
+TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
+_seed = iter(range(10**6))
+
+
+def _poison():
+    """Fill the caching allocator's free blocks (small and large pools) with NaN."""
+    held = [torch.full((1 << 18,), float("nan"), device="cuda") for _ in range(64)]  # 1 MiB each: small pool
+    held.append(torch.full((1 << 26,), float("nan"), device="cuda"))  # 256 MiB: large pool
+    del held
+
+
+def _rel(out, want):
+    return ((out.double().cpu() - want.double()).norm() / want.double().norm()).item()
+
+
+def _case(lengths, dtype, v_home="pin", spare_blocks=3):
+    """Random paged cache with scattered blocks: (q, k_cache, v_cache, block_tables, lengths), k on the GPU.
+
+    v_home: "pin" (pinned host), "register" (cudaHostRegister-ed host) or "cuda". Unused table entries are -1.
+    """
+    gen = torch.Generator().manual_seed(next(_seed))
+    need = [math.ceil(n / BS) for n in lengths]
+    max_blocks = max(need) + spare_blocks
+    nb = sum(need) + 4
+    perm = torch.randperm(nb, generator=gen)
+    tables = torch.full((len(lengths), max_blocks), -1, dtype=torch.int32)
+    used = 0
+    for b, n in enumerate(need):
+        tables[b, :n] = perm[used:used + n].int()
+        used += n
+    k = torch.randn(nb, BS, HKV, D, generator=gen).to(dtype)
+    v = torch.randn(nb, BS, HKV, D, generator=gen).to(dtype)
+    q = (2 * torch.randn(len(lengths), HKV * G, D, generator=gen)).to(dtype)  # x2: peakier softmax
+    if v_home == "pin":
+        v = v.pin_memory()
+    elif v_home == "register":
+        torch.cuda.check_error(torch.cuda.cudart().cudaHostRegister(v.data_ptr(), v.numel() * v.element_size(), 0))
+    else:
+        v = v.cuda()
+    lens = torch.tensor(lengths, dtype=torch.int32)
+    return q.cuda(), k.cuda(), v, tables.cuda(), lens.cuda()
+
+
+def _reference(fn, q, k, v, tables, lengths, *args):
+    """The reference on the CPU in float64, on the same (rounded) inputs."""
+    cpu = lambda t: t.detach().cpu().double()  # noqa: E731
+    return fn(cpu(q), cpu(k), cpu(v), tables.cpu(), lengths.cpu(), *args)
+
+
+RAGGED = [1, 17, 700, 1500]  # spans one and many tiles, several splits, a one-token sequence
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("lengths", [RAGGED, [4096, 33]])
+def test_full_decode_matches_reference(dtype, lengths):
+    q, k, v, tables, lens = _case(lengths, dtype, v_home="cuda")
+    _poison()
+    out = td.full_decode(q, k, v, tables, lens)
+    assert out.shape == q.shape and out.dtype == dtype and out.isfinite().all()
+    assert _rel(out, _reference(ref.full_decode, q, k, v, tables, lens)) < TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("selection", ["group", "head"])
+@pytest.mark.parametrize("renormalize", [True, False])
+@pytest.mark.parametrize("sink,recent", [(0, 0), (4, 8)])
+def test_kcache_decode_matches_reference(dtype, selection, renormalize, sink, recent):
+    cfg = KCacheConfig(top_n=64, selection=selection, renormalize=renormalize, sink_tokens=sink, recent_tokens=recent)
+    q, k, v, tables, lens = _case(RAGGED, dtype)
+    _poison()
+    out, mass = td.kcache_decode(q, k, v, tables, lens, cfg)
+    want, want_mass = _reference(ref.kcache_decode, q, k, v, tables, lens, cfg)
+    assert out.shape == q.shape and out.dtype == dtype and out.isfinite().all()
+    assert mass.shape == q.shape[:2] and mass.dtype == torch.float32 and mass.isfinite().all()
+    assert _rel(out, want) < TOL[dtype]
+    assert _rel(mass, want_mass) < 1e-5
+
+
+@pytest.mark.parametrize("selection", ["group", "head"])
+def test_kcache_decode_long_context(selection):
+    """40k tokens: 40 ranked chunks, so the top-N merge runs two levels."""
+    cfg = KCacheConfig(top_n=120, selection=selection, sink_tokens=4, recent_tokens=4)
+    q, k, v, tables, lens = _case([40000, 3000], torch.bfloat16)
+    _poison()
+    out, mass = td.kcache_decode(q, k, v, tables, lens, cfg)
+    want, want_mass = _reference(ref.kcache_decode, q, k, v, tables, lens, cfg)
+    assert _rel(out, want) < TOL[torch.bfloat16]
+    assert _rel(mass, want_mass) < 1e-5
+
+
+@pytest.mark.parametrize("selection", ["group", "head"])
+def test_top_n_covering_the_length_is_full_attention(selection):
+    q, k, v, tables, lens = _case([300, 5, 129], torch.float32)
+    _poison()
+    out, mass = td.kcache_decode(q, k, v, tables, lens, KCacheConfig(top_n=300, selection=selection))
+    assert _rel(out, _reference(ref.full_decode, q, k, v, tables, lens)) < 1e-5
+    assert torch.allclose(mass, torch.ones_like(mass), atol=1e-5)
+
+
+@pytest.mark.parametrize("v_home", ["pin", "register"])
+def test_reads_the_host_pool_in_place(v_home):
+    q, k, v, tables, lens = _case([500, 200], torch.bfloat16, v_home=v_home)
+    assert v.device.type == "cpu" and v.is_pinned()
+    # Make token 123 of sequence 0 dominate KV head 0, so it is surely selected.
+    slot = int(tables[0, 123 // BS]) * BS + 123 % BS
+    k.view(-1, HKV, D)[slot, 0] = (q[0, :G].float().mean(0) * 4).to(k.dtype)
+    cfg = KCacheConfig(top_n=16)
+    before, _ = td.kcache_decode(q, k, v, tables, lens, cfg)
+    torch.cuda.synchronize()  # the kernel reads the host row when it runs, not when it is launched
+    v.view(-1, HKV, D)[slot, 0] += 10.0  # a host write, after the pool was handed to the kernel
+    after, _ = td.kcache_decode(q, k, v, tables, lens, cfg)
+    torch.cuda.synchronize()
+    assert (after[0, :G] - before[0, :G]).float().abs().min() > 1.0  # the new row was read
+    assert torch.equal(after[1], before[1])
+    assert _rel(after, _reference(ref.kcache_decode, q, k, v, tables, lens, cfg)[0]) < TOL[torch.bfloat16]
+    if v_home == "register":
+        torch.cuda.check_error(torch.cuda.cudart().cudaHostUnregister(v.data_ptr()))
+
+
+def test_cuda_graph_replay_matches_eager():
+    q, k, v, tables, lens = _case([900, 40, 333], torch.bfloat16)
+    v_dev = v.cuda()
+    cfg = KCacheConfig(top_n=32, sink_tokens=2, recent_tokens=4)
+    run = lambda: (td.full_decode(q, k, v_dev, tables, lens), *td.kcache_decode(q, k, v, tables, lens, cfg))  # noqa: E731
+    run()  # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outs = run()
+    q.copy_(torch.randn_like(q))
+    lens.copy_(torch.tensor([500, 40, 300], dtype=torch.int32))  # new lengths: nothing depended on the old
+    graph.replay()
+    for got, want in zip(outs, run()):
+        assert torch.equal(got, want)
+
+
+def test_store_rows_writes_the_host_pool():
+    pool = torch.randn(10, BS, HKV, D).to(torch.bfloat16).pin_memory()
+    want = pool.clone()
+    slots = torch.tensor([3, 150, 17, 42, 159], dtype=torch.int32)
+    rows = torch.randn(len(slots), HKV, D).to(torch.bfloat16)
+    want.view(-1, HKV, D)[slots.long()] = rows
+    td.store_rows(pool, rows.cuda(), slots.cuda())
+    torch.cuda.synchronize()
+    assert torch.equal(pool, want)
