@@ -61,12 +61,12 @@ class _Chunk(NamedTuple):
     values: torch.Tensor  # [B, Hkv, q, D]
 
 
-def _grown(t: torch.Tensor, dim: int, size: int) -> torch.Tensor:
+def _grown(t: torch.Tensor, dim: int, size: int, pin: bool = False) -> torch.Tensor:
     """A zeroed copy of t with `dim` grown to size. Zeros, not garbage: a short sequence of a batch may select rows
     past its end (with weight 0), and 0 * NaN would poison the sum."""
     shape = list(t.shape)
     shape[dim] = size
-    out = torch.zeros(shape, dtype=t.dtype, device=t.device, pin_memory=t.is_pinned())
+    out = torch.zeros(shape, dtype=t.dtype, device=t.device, pin_memory=pin)
     out.narrow(dim, 0, t.shape[dim]).copy_(t)
     return out
 
@@ -86,9 +86,9 @@ class KCacheLayer(CacheLayerMixin):
         B, Hkv, _, D = key_states.shape
         self.device = key_states.device
         host = self.device if self.dense else torch.device("cpu")
-        pin = host.type == "cpu" and self.device.type == "cuda"  # pinned, so row reads can be async DMA
+        self.pin = host.type == "cpu" and self.device.type == "cuda"  # pinned, so row reads can be async DMA
         self.keys = key_states.new_zeros(B, Hkv, 0, D)
-        self.values = torch.zeros(B, 0, Hkv, D, dtype=value_states.dtype, device=host, pin_memory=pin)
+        self.values = torch.zeros(B, 0, Hkv, D, dtype=value_states.dtype, device=host)
         self.lengths = torch.zeros(B, dtype=torch.long, device=self.device)  # real tokens stored per sequence
         self.max_len = 0
         self.is_initialized = True
@@ -115,12 +115,12 @@ class KCacheLayer(CacheLayerMixin):
         if n > cap:  # growing by a quarter keeps copies amortised O(1) per token and the slack under 25%
             cap = max(n, cap + max(256, cap // 4))
             self.keys = _grown(self.keys, 2, cap)
-            self.values = _grown(self.values, 1, cap)
+            self.values = _grown(self.values, 1, cap, self.pin)
 
     def past(self, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The first n positions, V brought back in bulk: k, v [B, Hkv, n, D] and valid [B, n] on the device."""
         valid = torch.arange(n, device=self.device) < self.lengths[:, None]
-        v = self.values[:, :n].to(self.device, non_blocking=True).transpose(1, 2)
+        v = self.values[:, :n].to(self.device).transpose(1, 2)  # blocking: append overwrites rows past lengths
         return self.keys[:, :, :n], v, valid
 
     def decode(self, q: torch.Tensor, scale: float) -> torch.Tensor:
@@ -146,10 +146,10 @@ class KCacheLayer(CacheLayerMixin):
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.seen + query_length, 0
 
-    def get_max_length(self) -> int:  # transformers >= 5.16
+    def get_max_length(self) -> int:  # the abstract method's name from transformers 5.13
         return -1
 
-    def get_max_cache_shape(self) -> int:  # transformers < 5.16
+    def get_max_cache_shape(self) -> int:  # and before
         return -1
 
     def reset(self) -> None:
