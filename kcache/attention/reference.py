@@ -143,11 +143,11 @@ def prefill_attention(q, k, v, start: int, scale=None):
     if q.is_cuda:  # the flash / memory-efficient kernels need equal head counts; the math fallback would OOM
         k, v = (x.repeat_interleave(H // x.shape[1], dim=1) for x in (k, v))
         gqa = {}
-    q, k, v = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)
+    q, k, v = (x.transpose(0, 1)[None] for x in (q, k, v))  # [1, heads, t, D]: fused kernels need 4-D inputs
     if start == 0:
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, **gqa)
     else:
         qpos = torch.arange(start, start + t, device=q.device)
         mask = torch.arange(total, device=q.device)[None, :] <= qpos[:, None]  # [t, total]
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, **gqa)
-    return out.transpose(0, 1)
+    return out[0].transpose(0, 1)

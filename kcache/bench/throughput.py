@@ -74,6 +74,7 @@ def run_mode(cfg, loaded, requests) -> dict:
         torch.cuda.synchronize()
     elapsed = time.perf_counter() - t0
     result = summarize(engine, finished, elapsed)
+    engine.close()
     del engine
     gc.collect()
     if torch.cuda.is_available():

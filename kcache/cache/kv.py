@@ -65,6 +65,9 @@ class PagedKVCache:
     def v_layer(self, layer: int) -> torch.Tensor:
         raise NotImplementedError
 
+    def close(self) -> None:
+        """Give back what the pools hold outside PyTorch's allocators (nothing, unless a subclass registers)."""
+
     def device_bytes(self) -> int:
         """Bytes of the device pools, allocated once at start."""
         return self.device_bytes_per_token() * self.num_tokens
@@ -163,6 +166,18 @@ class KCache(PagedKVCache):
         self.v_dense = torch.empty((self.dense, *shape), dtype=dtype, device=self.device)
         self.v_host = host_empty((cfg.num_layers - self.dense, *shape), dtype, self.device)
         self._mass_buffer: torch.Tensor | None = None
+
+    def close(self) -> None:
+        """Unregister the host pool before its memory goes back to the OS; a stale registration would make a
+        later allocation at the same address fail ("resource already mapped")."""
+        if self.device.type == "cuda" and self.v_host.numel():
+            torch.cuda.synchronize(self.device)
+            torch.cuda.cudart().cudaHostUnregister(self.v_host.data_ptr())
+        self.v_host = torch.empty(0, dtype=self.dtype)
+
+    def __del__(self):
+        if getattr(self, "v_host", None) is not None:
+            self.close()
 
     def v_layer(self, layer):
         return self.v_dense[layer] if layer < self.dense else self.v_host[layer - self.dense]

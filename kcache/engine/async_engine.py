@@ -16,6 +16,8 @@ import uuid
 from dataclasses import dataclass
 from typing import AsyncIterator, Callable
 
+import torch
+
 from kcache.config import SamplingParams
 from kcache.engine.llm_engine import LLMEngine, RequestError, RequestOutput
 
@@ -120,6 +122,8 @@ class AsyncEngine:
 
     def _run(self) -> None:
         closed = EngineShutdownError("the engine has shut down")
+        if self.engine.device.type == "cuda":
+            torch.cuda.set_device(self.engine.device)  # a new thread starts on device 0; kernels launch on the current one
         try:
             while self._deadline is None or (self._live and time.monotonic() < self._deadline):
                 self._handle_commands()
@@ -196,7 +200,7 @@ class AsyncEngine:
     def _fail_all(self, error: EngineError) -> None:
         for request_id, post in list(self._live.items()):
             del self._live[request_id]  # first, so the abort's output is not delivered after the error
-            post(error)
+            post(type(error)(*error.args))  # one instance per request: each gets its own traceback
             self.engine.abort(request_id)
 
     def _update_gauges(self) -> None:

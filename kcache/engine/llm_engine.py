@@ -236,6 +236,10 @@ class LLMEngine:
             "v_bytes_read": seq.v_bytes_read,
         }
 
+    def close(self) -> None:
+        """Release the cache pools (the host pool's CUDA registration included)."""
+        self.cache.close()
+
     def memory(self) -> dict:
         """Bytes the pools hold and use now."""
         used = self.blocks.num_used / max(1, self.blocks.num_blocks)

@@ -41,6 +41,7 @@ def device_budget(cfg: EngineConfig, device: torch.device, activation_peak: int)
         return cfg.device_cache_bytes
     if device.type != "cuda":
         return CPU_DEVICE_POOL_BYTES
+    torch.cuda.empty_cache()  # memory the caching allocator holds but does not use is free for the pools
     free, total = torch.cuda.mem_get_info(device)
     used = total - free
     return max(0, int(cfg.device_memory_fraction * total) - used - activation_peak)

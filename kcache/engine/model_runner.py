@@ -92,10 +92,12 @@ class ModelRunner:
         }
         self.scratch = scratch
         if isinstance(self.cache, KCache):
-            self.cache.begin_decode(n)  # allocates the mass buffer at its final size before capture
+            self.cache.begin_decode(n)  # allocates the mass buffer at its final size before any capture
         pool = None
         with torch.inference_mode():
             for b in reversed(buckets):
+                if isinstance(self.cache, KCache):
+                    self.cache.begin_decode(b)  # the graph records writes into this view of the mass buffer
                 run = self._static_forward(b)
                 run()  # warm-up: compiles the kernels outside the capture
                 torch.cuda.synchronize()

@@ -99,7 +99,7 @@ def _random_model(cfg: ModelConfig, dtype: torch.dtype, device: torch.device, se
     """Random weights of the right shapes, made directly on the device (an 8B model never touches host RAM)."""
     with torch.device("meta"):
         net = LlamaForCausalLM(cfg)
-    net = net.to_empty(device=device).to(dtype)
+    net = net.to(dtype).to_empty(device=device)  # cast on meta first: no float32 copy is ever made
     gen = torch.Generator(device=device).manual_seed(seed)
     for name, p in net.named_parameters():
         with torch.no_grad():

@@ -1,0 +1,94 @@
+"""Prefill once, decode every method: how the evaluation drives the engine.
+
+Prefill is exact whatever the method, so one prefilled cache serves them all: each method swaps `cache.kcfg`,
+rewinds the sequences to their prompts and decodes from there, overwriting the K/V rows that the previous
+method's tokens left past the prompt. On a 2-core CPU this is what makes a sweep of dozens of methods
+affordable (a long prefill costs minutes; a decode step a fraction of a second). Sequences of one call are
+decoded as one batch, so a step's weights are read once for all of them.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+
+from kcache.cache.kv import KCache
+from kcache.config import KCacheConfig, SamplingParams
+from kcache.engine.llm_engine import LLMEngine
+from kcache.engine.sequence import Sequence
+
+
+class Harness:
+    def __init__(self, engine: LLMEngine):
+        if not isinstance(engine.cache, KCache):
+            raise ValueError("the evaluation needs an engine with cache='kcache' (the full cache is one of its settings)")
+        self.engine, self.cache = engine, engine.cache
+        self.num_layers = engine.model_config.num_layers
+
+    @contextmanager
+    def prefilled(self, prompts: list[list[int]]):
+        """(sequences holding the prompts' K/V, exact next-token logits [B, V] of each prompt); frees them after."""
+        seqs = [Sequence(f"eval-{i}", list(p), SamplingParams()) for i, p in enumerate(prompts)]
+        try:
+            logits = []
+            for s in seqs:
+                self._grow(s)
+                logits.append(self.engine.runner.prefill([(s, s.num_tokens)]))
+                s.num_cached = s.num_tokens
+            yield seqs, torch.cat(logits)
+        finally:
+            for s in seqs:
+                self.engine.blocks.release(s)
+
+    def greedy(self, seqs: list[Sequence], prompts: list[list[int]], first: list[int], cfg: KCacheConfig,
+               max_new: int) -> tuple[list[list[int]], list[float]]:
+        """Greedy continuations (at most max_new tokens, up to EOS) under `cfg`, each starting with the prompt's
+        exact first token; and each one's mean attention mass kept over its decode steps."""
+        self.cache.kcfg = cfg
+        for s, p, t in zip(seqs, prompts, first):
+            s.token_ids, s.num_cached = list(p) + [t], len(p)
+        masses: list[list[float]] = [[] for _ in seqs]
+        live = [i for i, (s, p) in enumerate(zip(seqs, prompts)) if not self._done(s, len(p), max_new)]
+        while live:
+            batch = [seqs[i] for i in live]
+            for s in batch:
+                self._grow(s)
+            logits = self.engine.runner.decode(batch)
+            mass = self._mass().tolist()
+            for j, i in enumerate(live):
+                seqs[i].num_cached = seqs[i].num_tokens
+                seqs[i].token_ids.append(int(logits[j].argmax()))
+                masses[i].append(mass[j])
+            live = [i for i in live if not self._done(seqs[i], len(prompts[i]), max_new)]
+        completions = [s.token_ids[len(p):] for s, p in zip(seqs, prompts)]
+        return completions, [sum(m) / len(m) if m else 1.0 for m in masses]
+
+    def score(self, seq: Sequence, ids: list[int], prefix_len: int, cfg: KCacheConfig,
+              chunk: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+        """Teacher forcing from a sequence prefilled with ids[:prefix_len]: every later token attends as a decode
+        step would under `cfg`. Returns (logits [n, V] predicting ids[prefix_len + 1:], mass kept [n])."""
+        self.cache.kcfg = cfg
+        seq.token_ids, seq.num_cached = list(ids), prefix_len
+        self._grow(seq)
+        logits, mass = [], []
+        while seq.num_cached < len(ids) - 1:
+            n = min(chunk, len(ids) - 1 - seq.num_cached)
+            logits.append(self.engine.runner.score_chunk(seq, n))
+            mass.append(self._mass())
+        return torch.cat(logits).cpu(), torch.cat(mass)
+
+    def _done(self, seq: Sequence, prompt_len: int, max_new: int) -> bool:
+        return seq.num_tokens - prompt_len >= max_new or seq.token_ids[-1] in self.engine.eos_ids
+
+    def _grow(self, seq: Sequence) -> None:
+        if not self.engine.blocks.can_allocate(seq):
+            raise ValueError(f"the cache pool ({self.engine.blocks.num_free} free blocks) cannot hold {seq.num_tokens} "
+                             "more tokens")
+        self.engine.blocks.allocate(seq)
+
+    def _mass(self) -> torch.Tensor:
+        """Mean mass kept in the last step per row [B], over the approximated layers and all heads."""
+        dense = max(self.cache.dense, self.cache.kcfg.dense_layers)
+        if dense >= self.num_layers:
+            return torch.ones(self.cache.mass.shape[1])
+        return self.cache.mass[dense:].mean((0, 2)).float().cpu()

@@ -1,0 +1,1 @@
+"""`kcache serve`: an OpenAI-compatible HTTP server (FastAPI + uvicorn) on the AsyncEngine."""

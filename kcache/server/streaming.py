@@ -1,0 +1,126 @@
+"""Turning engine outputs into OpenAI responses: whole ones, or server-sent event chunks."""
+from __future__ import annotations
+
+import uuid
+from typing import AsyncIterator
+
+from pydantic import BaseModel
+
+from kcache.engine.async_engine import EngineError
+from kcache.engine.llm_engine import RequestOutput
+from kcache.server import protocol as p
+from kcache.server.errors import error_body, from_engine
+from kcache.server.metrics import Metrics
+
+
+class IncrementalText:
+    """The completion's text, piece by piece. Each step decodes only the last few tokens (the whole completion
+    would be quadratic) and holds back an incomplete UTF-8 character and whatever a stop string could still claim,
+    since the final text is cut before the stop string."""
+
+    def __init__(self, tokenizer, stop: tuple[str, ...]):
+        self.tokenizer = tokenizer
+        self.hold = max((len(s) for s in stop), default=1) - 1
+        self.prefix = self.read = 0  # token offsets: decoding context start; tokens already turned into text
+        self.text, self.sent = "", 0
+
+    def next(self, out: RequestOutput) -> str:
+        """The new text since the last call; the last call (out.finished) gets the rest of the engine's final text."""
+        if out.finished:
+            piece, self.sent = out.text[self.sent:], len(out.text)
+            return piece
+        ids = out.token_ids
+        before = self.tokenizer.decode(ids[self.prefix:self.read], skip_special_tokens=True)
+        after = self.tokenizer.decode(ids[self.prefix:], skip_special_tokens=True)
+        if len(after) > len(before) and not after.endswith("\ufffd"):
+            self.text += after[len(before):]
+            self.prefix, self.read = self.read, len(ids)
+        ready = max(self.sent, len(self.text) - self.hold)
+        piece, self.sent = self.text[self.sent:ready], ready
+        return piece
+
+
+def usage(out: RequestOutput) -> p.Usage:
+    n_prompt, n_new = len(out.prompt_token_ids), len(out.token_ids)
+    return p.Usage(prompt_tokens=n_prompt, completion_tokens=n_new, total_tokens=n_prompt + n_new)
+
+
+class CompletionFormat:
+    def __init__(self, model: str):
+        self.id, self.model = f"cmpl-{uuid.uuid4().hex}", model
+
+    def response(self, out: RequestOutput) -> BaseModel:
+        choice = p.CompletionChoice(text=out.text, finish_reason=out.finish_reason)
+        return p.CompletionResponse(id=self.id, model=self.model, choices=[choice], usage=usage(out))
+
+    def opening(self) -> list[BaseModel]:
+        return []
+
+    def piece(self, text: str, finish_reason: str | None = None) -> list[BaseModel]:
+        if not text and not finish_reason:
+            return []
+        return [p.CompletionResponse(id=self.id, model=self.model,
+                                     choices=[p.CompletionChoice(text=text, finish_reason=finish_reason)])]
+
+    def usage_chunk(self, out: RequestOutput) -> BaseModel:
+        return p.CompletionResponse(id=self.id, model=self.model, choices=[], usage=usage(out))
+
+
+class ChatFormat:
+    def __init__(self, model: str):
+        self.id, self.model = f"chatcmpl-{uuid.uuid4().hex}", model
+
+    def response(self, out: RequestOutput) -> BaseModel:
+        choice = p.ChatChoice(message=p.AssistantMessage(content=out.text), finish_reason=out.finish_reason)
+        return p.ChatCompletionResponse(id=self.id, model=self.model, choices=[choice], usage=usage(out))
+
+    def _chunk(self, delta: p.Delta, finish_reason: str | None = None) -> BaseModel:
+        return p.ChatCompletionChunk(id=self.id, model=self.model,
+                                     choices=[p.ChatChunkChoice(delta=delta, finish_reason=finish_reason)])
+
+    def opening(self) -> list[BaseModel]:
+        return [self._chunk(p.Delta(role="assistant", content=""))]
+
+    def piece(self, text: str, finish_reason: str | None = None) -> list[BaseModel]:
+        chunks = [self._chunk(p.Delta(content=text))] if text else []
+        if finish_reason:  # as OpenAI does: the finish reason comes in a chunk of its own, with an empty delta
+            chunks.append(self._chunk(p.Delta(), finish_reason))
+        return chunks
+
+    def usage_chunk(self, out: RequestOutput) -> BaseModel:
+        return p.ChatCompletionChunk(id=self.id, model=self.model, choices=[], usage=usage(out))
+
+
+def event(chunk: BaseModel) -> str:
+    return f"data: {chunk.model_dump_json()}\n\n"
+
+
+async def sse(fmt, first: RequestOutput, outputs: AsyncIterator[RequestOutput], text: IncrementalText,
+              include_usage: bool, metrics: Metrics) -> AsyncIterator[str]:
+    """The stream after its first output, ending with `data: [DONE]`. When the client leaves, Starlette cancels the
+    response; however this generator is then left (cancelled inside `anext`, or closed later), `outputs` is closed,
+    which aborts the request and frees its blocks."""
+    ended = False
+    try:
+        for chunk in fmt.opening():
+            yield event(chunk)
+        out = first
+        while not out.finished:
+            for chunk in fmt.piece(text.next(out)):
+                yield event(chunk)
+            out = await anext(outputs)
+        for chunk in fmt.piece(text.next(out), out.finish_reason):
+            yield event(chunk)
+        metrics.finished(out)
+        if include_usage:
+            yield event(fmt.usage_chunk(out))
+        ended = True
+    except EngineError as e:  # the headers are sent: the error travels as an event, as in OpenAI's API
+        ended = True
+        metrics.outcome("error")
+        yield event(error_body(from_engine(e)))
+    finally:
+        if not ended:
+            metrics.outcome("abort")
+            await outputs.aclose()
+    yield "data: [DONE]\n\n"
