@@ -160,7 +160,7 @@ def run(args) -> int:
         ratio = {k: results["kcache"][k] / results["full"][k] for k in RATIO_KEYS if results["full"][k]}
     print_table(results, ratio)
     if args.output_json:
-        payload = {"command": " ".join(["kcache", *sys.argv[1:]]) if sys.argv[0].endswith("kcache") else " ".join(sys.argv),
+        payload = {"command": " ".join(["kcache", *sys.argv[1:]]),
                    "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
                    "machine": machine(), "model": loaded.source, "results": results, "kcache_over_full": ratio}
         args.output_json.parent.mkdir(parents=True, exist_ok=True)
