@@ -112,9 +112,9 @@ async def sse(fmt, first: RequestOutput, outputs: AsyncIterator[RequestOutput], 
         for chunk in fmt.piece(text.next(out), out.finish_reason):
             yield event(chunk)
         metrics.finished(out)
+        ended = True
         if include_usage:
             yield event(fmt.usage_chunk(out))
-        ended = True
     except EngineError as e:  # the headers are sent: the error travels as an event, as in OpenAI's API
         ended = True
         metrics.outcome("error")
