@@ -2,18 +2,18 @@
 from __future__ import annotations
 
 import itertools
-import math
 import time
 from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 
-from kcache.cache.kv import FullKV, KCache, PagedKVCache, StepBatch
+from kcache.cache.kv import KCache
 from kcache.config import EngineConfig, SamplingParams
+from kcache.distributed import comm, sharding
+from kcache.distributed.worker import Workers
 from kcache.engine.block_manager import BlockManager
-from kcache.engine.memory import PoolPlan, plan_pools
-from kcache.engine.model_runner import ModelRunner
+from kcache.engine.model_runner import build_runner
 from kcache.engine.sampling import sample
 from kcache.engine.scheduler import Scheduler
 from kcache.engine.sequence import Sequence, Status
@@ -44,9 +44,14 @@ class StepRecord:
 
 
 class LLMEngine:
+    """Rank 0 of the model: it schedules, runs its shard and samples. With `tensor_parallel_size` N > 1 it starts
+    N-1 worker processes, which load the other shards and follow its steps until `close()`."""
+
     def __init__(self, cfg: EngineConfig, loaded: loader.LoadedModel | None = None):
         self.cfg = cfg
-        self.loaded = loaded or loader.load(cfg.model, cfg.load_format, cfg.dtype, cfg.device, cfg.seed)
+        self.tp = cfg.tensor_parallel_size
+        self.workers: Workers | None = None
+        self.loaded = self._load(cfg, loaded)
         self.model, self.model_config, self.tokenizer = self.loaded.model, self.loaded.config, self.loaded.tokenizer
         self.device = next(self.model.parameters()).device
         self.dtype = next(self.model.parameters()).dtype
@@ -55,39 +60,35 @@ class LLMEngine:
         self.eos_ids = set(self.model_config.eos_token_ids)
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             self.eos_ids.add(self.tokenizer.eos_token_id)
-        self.plan = plan_pools(cfg, self.model_config, self.dtype, self.device, self._activation_peak(), self.max_model_len)
-        self.cache = self._make_cache(cfg)
-        graphs = self.device.type == "cuda" and not cfg.enforce_eager
-        self.blocks = BlockManager(self.plan.num_blocks - graphs, cfg.block_size)  # graphs pad into the last block
+        try:
+            followers = self._start_workers() if self.tp > 1 else ()
+            self.runner, self.plan = build_runner(cfg, self.model, self.max_model_len, followers)
+        except BaseException:
+            self._stop_workers()
+            raise
+        self.cache = self.runner.cache
+        self.blocks = BlockManager(self.plan.num_blocks - bool(self.runner.graphs), cfg.block_size)  # graphs pad into the last block
         self.scheduler = Scheduler(self.blocks, cfg.max_num_seqs, cfg.max_num_batched_tokens)
-        self.runner = ModelRunner(self.model, self.cache, cfg.max_num_seqs, self.max_model_len, graphs)
         self.seqs: dict[str, Sequence] = {}
         self.callbacks: dict[str, Callable[[RequestOutput], None]] = {}
         self.steps: list[StepRecord] = []
         self._ids = itertools.count()
 
-    def _make_cache(self, cfg: EngineConfig) -> PagedKVCache:
-        args = (self.model_config, self.plan.num_blocks, cfg.block_size, self.dtype, self.device)
-        return FullKV(*args) if cfg.cache == "full" else KCache(*args, cfg.kcache)
+    def _load(self, cfg: EngineConfig, loaded: loader.LoadedModel | None) -> loader.LoadedModel:
+        """The model, or under TP rank 0's shard of it (shape errors surface here, before any worker starts)."""
+        if self.tp == 1:
+            return loaded or loader.load(cfg.model, cfg.load_format, cfg.dtype, cfg.device, cfg.seed)
+        sharding.check_devices(cfg.device, self.tp)
+        if loaded is not None:
+            return loader.shard(loaded, 0, self.tp)
+        return loader.load(cfg.model, cfg.load_format, cfg.dtype, sharding.rank_device(cfg.device, 0), cfg.seed, 0, self.tp)
 
-    def _activation_peak(self) -> int:
-        """Peak device memory of the largest prefill step, measured once on CUDA (0 elsewhere)."""
-        if self.device.type != "cuda":
-            return 0
-        n = self.cfg.max_num_batched_tokens
-        bs = self.cfg.block_size
-        cache = FullKV(self.model_config, math.ceil(n / bs), bs, self.dtype, self.device)
-        torch.cuda.reset_peak_memory_stats(self.device)
-        before = torch.cuda.memory_allocated(self.device)
-        batch = StepBatch(True, torch.arange(n, device=self.device), torch.arange(cache.num_blocks, device=self.device,
-                          dtype=torch.int32)[None], torch.tensor([n], device=self.device, dtype=torch.int32), (0,), (n,), (0,))
-        with torch.inference_mode():
-            hidden = self.model(torch.zeros(n, dtype=torch.long, device=self.device), torch.arange(n, device=self.device), cache, batch)
-            self.model.logits(hidden[-1:])
-        peak = torch.cuda.max_memory_allocated(self.device) - before
-        del cache, hidden
-        torch.cuda.empty_cache()
-        return peak
+    def _start_workers(self) -> list:
+        """Ranks 1..N-1, then the process group with them; returns the pipes that carry each step to them."""
+        port = comm.free_port()
+        self.workers = Workers(self.cfg, port)
+        comm.init(0, self.tp, port, self.device)
+        return self.workers.conns
 
     # ---- requests -------------------------------------------------------------------------------------------
 
@@ -151,9 +152,10 @@ class LLMEngine:
             ready = list(enumerate(seqs))
         outputs = []
         if ready:
-            rows = torch.tensor([i for i, _ in ready], device=logits.device)
             seqs = [s for _, s in ready]
-            tokens = sample(logits[rows], [s.params for s in seqs], [s.generator for s in seqs])
+            if len(ready) < logits.shape[0]:  # some prefill chunks did not finish their prompt
+                logits = logits[torch.tensor([i for i, _ in ready], device=logits.device)]
+            tokens = sample(logits, [s.params for s in seqs], [s.generator for s in seqs])
             now = time.perf_counter()
             for seq, tok in zip(seqs, tokens):
                 outputs.append(self._append(seq, tok, now))
@@ -185,12 +187,12 @@ class LLMEngine:
             return
         dense = max(self.cache.dense, self.cache.kcfg.dense_layers)
         row_bytes = self.model_config.head_dim * self.cache.v_host.element_size()
-        for s in seqs:
-            s.v_bytes_read += self.cache.v_rows_read(s.num_tokens) * row_bytes
+        for s in seqs:  # every rank reads as many rows for its own KV heads
+            s.v_bytes_read += self.cache.v_rows_read(s.num_tokens) * row_bytes * self.tp
         if dense >= self.model_config.num_layers:
             return
-        m = self.cache.mass[dense:, :len(seqs)]  # [L', B, H]
-        sums, mins = m.sum((0, 2)).tolist(), m.amin((0, 2)).tolist()
+        m = self.cache.mass[dense:, :len(seqs)]  # [L', B, H]: rank 0's heads under TP
+        sums, mins = torch.stack([m.sum((0, 2)), m.amin((0, 2))]).tolist()  # one device-to-host sync
         per_seq = m.shape[0] * m.shape[2]
         for s, total, low in zip(seqs, sums, mins):
             s.mass_kept_sum += total
@@ -237,11 +239,18 @@ class LLMEngine:
         }
 
     def close(self) -> None:
-        """Release the cache pools (the host pool's CUDA registration included)."""
+        """Release the cache pools (the host pool's CUDA registration included) and stop the TP workers."""
         self.cache.close()
+        self._stop_workers()
+
+    def _stop_workers(self) -> None:
+        if self.workers is not None:
+            self.workers.stop()
+            self.workers = None
+            comm.destroy()
 
     def memory(self) -> dict:
-        """Bytes the pools hold and use now."""
+        """Bytes the pools hold and use now (rank 0's pools under TP; every rank holds as much)."""
         used = self.blocks.num_used / max(1, self.blocks.num_blocks)
         return {
             "device_pool_bytes": self.cache.device_bytes(), "host_pool_bytes": self.cache.host_bytes(),

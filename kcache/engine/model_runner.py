@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import torch
 
-from kcache.cache.kv import KCache, PagedKVCache, StepBatch
+from kcache.cache.kv import KCache, PagedKVCache, StepBatch, make_cache
+from kcache.config import EngineConfig
+from kcache.engine.memory import PoolPlan, activation_peak, plan_pools
 from kcache.engine.sequence import Sequence
 from kcache.models.llama import LlamaForCausalLM
 
@@ -16,10 +18,24 @@ from kcache.models.llama import LlamaForCausalLM
 GRAPH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256, 320, 384, 448, 512)
 
 
+def build_runner(cfg: EngineConfig, model: LlamaForCausalLM, max_model_len: int, followers=()) -> tuple["ModelRunner", PoolPlan]:
+    """Size the pools, make the cache and the runner for this rank's model. Under TP every rank runs this in
+    lockstep: the activation probe, the pool-size agreement and graph capture hold collectives."""
+    p = next(model.parameters())
+    plan = plan_pools(cfg, model.config, p.dtype, p.device, activation_peak(model, cfg, p.dtype, p.device), max_model_len)
+    cache = make_cache(cfg, model.config, plan.num_blocks, p.dtype, p.device)
+    graphs = p.device.type == "cuda" and not cfg.enforce_eager
+    return ModelRunner(model, cache, cfg.max_num_seqs, max_model_len, graphs, followers), plan
+
+
 class ModelRunner:
+    """Under tensor parallelism every rank has a runner over its shard; rank 0's runner sends each step's inputs (plain
+    lists: token ids, positions, slots, block tables, lengths, chunk layout) down `followers`, the pipes to the
+    other ranks, which run the same step (kcache.distributed.worker)."""
+
     def __init__(self, model: LlamaForCausalLM, cache: PagedKVCache, max_num_seqs: int = 1, max_model_len: int = 1,
-                 use_graphs: bool = False):
-        self.model, self.cache = model, cache
+                 use_graphs: bool = False, followers=()):
+        self.model, self.cache, self.followers = model, cache, followers
         self.device, self.block_size = cache.device, cache.block_size
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         if use_graphs and self.device.type == "cuda":
@@ -32,11 +48,21 @@ class ModelRunner:
         bs = self.block_size
         return [seq.block_table[p // bs] * bs + p % bs for p in range(start, end)]
 
-    def _block_tables(self, seqs: list[Sequence]) -> torch.Tensor:
+    def _block_tables(self, seqs: list[Sequence]) -> list[list[int]]:
         width = max(len(s.block_table) for s in seqs)
-        return self._tensor([s.block_table + [0] * (width - len(s.block_table)) for s in seqs], torch.int32)
+        return [s.block_table + [0] * (width - len(s.block_table)) for s in seqs]
+
+    def run(self, kind: str, inputs: dict) -> torch.Tensor | None:
+        """Send the step to the other ranks (if any), then run it here."""
+        for conn in self.followers:
+            conn.send((kind, inputs))
+        return self.execute(kind, inputs)
 
     @torch.inference_mode()
+    def execute(self, kind: str, inputs: dict) -> torch.Tensor | None:
+        """Run one step from its inputs; logits (None on ranks other than 0 under TP)."""
+        return getattr(self, f"_{kind}")(**inputs)
+
     def prefill(self, chunks: list[tuple[Sequence, int]]) -> torch.Tensor:
         """Compute the chunks' K/V; logits [len(chunks), V] at each chunk's last token."""
         ids, pos, slots, starts, lens, ctxs = [], [], [], [], [], []
@@ -48,9 +74,12 @@ class ModelRunner:
             slots += self._slots(seq, c, c + n)
             lens.append(n)
             ctxs.append(c)
-        seqs = [s for s, _ in chunks]
+        tables = self._block_tables([s for s, _ in chunks])
+        return self.run("prefill", dict(ids=ids, pos=pos, slots=slots, tables=tables, starts=starts, lens=lens, ctxs=ctxs))
+
+    def _prefill(self, ids, pos, slots, tables, starts, lens, ctxs):
         batch = StepBatch(
-            is_prefill=True, slot_mapping=self._tensor(slots), block_tables=self._block_tables(seqs),
+            is_prefill=True, slot_mapping=self._tensor(slots), block_tables=self._tensor(tables, torch.int32),
             lengths=self._tensor([c + n for c, n in zip(ctxs, lens)], torch.int32),
             chunk_starts=tuple(starts), chunk_lens=tuple(lens), context_lens=tuple(ctxs),
         )
@@ -58,22 +87,22 @@ class ModelRunner:
         last = self._tensor([s + n - 1 for s, n in zip(starts, lens)])
         return self.model.logits(hidden[last])
 
-    @torch.inference_mode()
     def decode(self, seqs: list[Sequence]) -> torch.Tensor:
         """One token per sequence (its last, not yet cached); logits [B, V]."""
-        batch = StepBatch(
-            is_prefill=False,
-            slot_mapping=self._tensor([self._slots(s, s.num_tokens - 1, s.num_tokens)[0] for s in seqs]),
-            block_tables=self._block_tables(seqs),
-            lengths=self._tensor([s.num_tokens for s in seqs], torch.int32),
-        )
-        if self.graphs and len(seqs) <= max(self.graphs):
-            return self.model.logits(self._replay(seqs))
+        return self.run("decode", dict(
+            ids=[s.token_ids[-1] for s in seqs], pos=[s.num_tokens - 1 for s in seqs],
+            slots=[self._slots(s, s.num_tokens - 1, s.num_tokens)[0] for s in seqs],
+            tables=self._block_tables(seqs), lens=[s.num_tokens for s in seqs],
+        ))
+
+    def _decode(self, ids, pos, slots, tables, lens):
+        if self.graphs and len(ids) <= max(self.graphs):
+            return self.model.logits(self._replay(ids, pos, slots, tables, lens))
+        batch = StepBatch(is_prefill=False, slot_mapping=self._tensor(slots), block_tables=self._tensor(tables, torch.int32),
+                          lengths=self._tensor(lens, torch.int32))
         if isinstance(self.cache, KCache):
-            self.cache.begin_decode(len(seqs))
-        hidden = self.model(
-            self._tensor([s.token_ids[-1] for s in seqs]), self._tensor([s.num_tokens - 1 for s in seqs]), self.cache, batch
-        )
+            self.cache.begin_decode(len(ids))
+        hidden = self.model(self._tensor(ids), self._tensor(pos), self.cache, batch)
         return self.model.logits(hidden)
 
     # ---- CUDA graphs ------------------------------------------------------------------------------------------
@@ -112,19 +141,19 @@ class ModelRunner:
         batch = StepBatch(is_prefill=False, slot_mapping=st["slots"][:b], block_tables=st["tables"][:b], lengths=st["lens"][:b])
         return lambda: self.model(st["ids"][:b], st["pos"][:b], self.cache, batch)
 
-    def _replay(self, seqs: list[Sequence]) -> torch.Tensor:
-        B = len(seqs)
+    def _replay(self, ids, pos, slots, tables, lens) -> torch.Tensor:
+        """Fill the static inputs from one pinned host-to-device copy (in a VM each small pageable copy costs about
+        a millisecond), pad the batch up to its bucket, replay."""
+        B = len(ids)
         bucket = min(b for b in self.graphs if b >= B)
         st = self.static
-        bs = self.block_size
-        st["ids"][:B] = self._tensor([s.token_ids[-1] for s in seqs])
-        st["pos"][:B] = self._tensor([s.num_tokens - 1 for s in seqs])
-        st["slots"][:B] = self._tensor([self._slots(s, s.num_tokens - 1, s.num_tokens)[0] for s in seqs])
-        st["lens"][:B] = self._tensor([s.num_tokens for s in seqs], torch.int32)
+        width = len(tables[0])
+        packed = torch.tensor([[i, p, s, n, *t] for i, p, s, n, t in zip(ids, pos, slots, lens, tables)], dtype=torch.int64)
+        packed = packed.pin_memory().to(self.device, non_blocking=True)  # [B, 4 + width]
+        st["ids"][:B], st["pos"][:B], st["slots"][:B], st["lens"][:B] = packed[:, 0], packed[:, 1], packed[:, 2], packed[:, 3]
         st["tables"][:bucket] = self.scratch
-        table = self._block_tables(seqs)
-        st["tables"][:B, :table.shape[1]] = table
-        st["slots"][B:bucket] = self.scratch * bs
+        st["tables"][:B, :width] = packed[:, 4:]
+        st["slots"][B:bucket] = self.scratch * self.block_size
         st["lens"][B:bucket] = 1
         if isinstance(self.cache, KCache):
             self.cache.begin_decode(bucket)
@@ -132,18 +161,19 @@ class ModelRunner:
         graph.replay()
         return hidden[:B]
 
-    @torch.inference_mode()
     def score_chunk(self, seq: Sequence, n: int) -> torch.Tensor:
         """Teacher forcing: the next n tokens of seq each attend as a decode step would (KCache active), all in
         one pass since they share one block table; logits [n, V] at each of them."""
         c = seq.num_cached
-        batch = StepBatch(
-            is_prefill=False, slot_mapping=self._tensor(self._slots(seq, c, c + n)),
-            block_tables=self._block_tables([seq]), lengths=self._tensor(range(c + 1, c + n + 1), torch.int32),
-            shared_table=True,
-        )
-        if isinstance(self.cache, KCache):
-            self.cache.begin_decode(n)
-        hidden = self.model(self._tensor(seq.token_ids[c:c + n]), self._tensor(range(c, c + n)), self.cache, batch)
+        logits = self.run("score", dict(ids=seq.token_ids[c:c + n], pos=list(range(c, c + n)), slots=self._slots(seq, c, c + n),
+                                        tables=self._block_tables([seq]), lens=list(range(c + 1, c + n + 1))))
         seq.num_cached += n
+        return logits
+
+    def _score(self, ids, pos, slots, tables, lens):
+        batch = StepBatch(is_prefill=False, slot_mapping=self._tensor(slots), block_tables=self._tensor(tables, torch.int32),
+                          lengths=self._tensor(lens, torch.int32), shared_table=True)
+        if isinstance(self.cache, KCache):
+            self.cache.begin_decode(len(ids))
+        hidden = self.model(self._tensor(ids), self._tensor(pos), self.cache, batch)
         return self.model.logits(hidden)
