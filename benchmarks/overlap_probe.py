@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import json
 import os
-import statistics
 import sys
 
 import torch
 
+from attention_microbench import time_graph  # same folder
 from kcache.attention import triton_decode as td
 from kcache.cache.kv import host_empty
 from kcache.config import KCacheConfig
@@ -20,22 +20,9 @@ from kcache.config import KCacheConfig
 LAYERS, HQ, HKV, D, BS = 32, 32, 8, 128, 16
 
 
-def timed(fn, reps=10) -> float:
-    fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    graph.replay()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        graph.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    return statistics.median(times)
+def timed(fn) -> float:
+    """Median ms of one fn() call, replayed as a CUDA graph."""
+    return time_graph(fn, calls=1, replays=10) * 1e3
 
 
 def main(batch: int, context: int, top_n: int) -> dict:
