@@ -51,6 +51,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto", help="auto: float32 on CPU, bfloat16 on CUDA")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
     g.add_argument("--max-model-len", type=positive_int, default=None, help="context length (default: the model's)")
+    g.add_argument("--tensor-parallel-size", type=positive_int, default=1,
+                   help="split the model over N GPUs (N processes; gloo processes on CPU)")
     c = p.add_argument_group("cache")
     c.add_argument("--cache", choices=["kcache", "full"], default="kcache", help="kcache: V in host memory, top-N decode; full: ordinary KV cache")
     c.add_argument("--top-n", type=positive_int, default=None, help="tokens whose V rows are read per head/group per step")
@@ -64,9 +66,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     m.add_argument("--max-num-seqs", type=positive_int, default=256, help="largest decode batch")
     m.add_argument("--max-num-batched-tokens", type=positive_int, default=2048, help="prefill tokens per step")
     m.add_argument("--device-memory-fraction", type=float, default=0.9, help="share of device memory kcache may use (CUDA)")
-    m.add_argument("--device-cache-gb", type=float, default=None, help="explicit device pool size in GiB")
+    m.add_argument("--device-cache-gb", type=float, default=None, help="explicit device pool size in GiB (per GPU under TP)")
     m.add_argument("--enforce-eager", action="store_true", help="run decode without CUDA graphs")
-    m.add_argument("--host-cache-gb", type=float, default=None, help="host V pool size in GiB (default: as many tokens as the device pool)")
+    m.add_argument("--host-cache-gb", type=float, default=None, help="host V pool size in GiB, per rank under TP (default: as many tokens as the device pool)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("-v", "--verbose", action="store_true", help="log the pool sizes and other engine details")
 
@@ -88,6 +90,7 @@ def engine_config_from_args(args, **overrides):
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         device_memory_fraction=args.device_memory_fraction, device_cache_bytes=gib(args.device_cache_gb),
         host_cache_bytes=gib(args.host_cache_gb), seed=args.seed, enforce_eager=args.enforce_eager,
+        tensor_parallel_size=args.tensor_parallel_size,
     )
     fields.update(overrides)
     return EngineConfig(**fields)
@@ -111,12 +114,14 @@ def user_errors() -> tuple[type[BaseException], ...]:
     """Exceptions that mean bad input, not a bug."""
     from pydantic import ValidationError
 
+    from kcache.distributed.sharding import TensorParallelError
     from kcache.engine.llm_engine import RequestError
     from kcache.engine.memory import CacheTooSmallError
     from kcache.models.config import UnsupportedModelError
     from kcache.models.loader import ModelLoadError
 
-    return (CLIError, ValidationError, RequestError, CacheTooSmallError, UnsupportedModelError, ModelLoadError, OSError)
+    return (CLIError, ValidationError, RequestError, CacheTooSmallError, UnsupportedModelError, ModelLoadError,
+            TensorParallelError, OSError)
 
 
 def describe(e: BaseException) -> str:

@@ -52,11 +52,12 @@ def percentile(values: list[float], q: float) -> float:
     return s[min(len(s) - 1, int(round(q / 100 * (len(s) - 1))))]
 
 
-def run_mode(cfg, loaded, requests) -> dict:
+def run_mode(cfg, loaded, args) -> dict:
     from kcache.config import SamplingParams
     from kcache.engine.llm_engine import LLMEngine
 
     engine = LLMEngine(cfg, loaded)
+    requests = make_requests(args, engine.model_config.vocab_size)  # seeded: the same prompts in every mode
     if engine.device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -148,13 +149,13 @@ def run(args) -> int:
 
     modes = ["kcache", "full"] if args.compare else [args.cache]
     base = engine_config_from_args(args)
-    loaded = loader.load(base.model, base.load_format, base.dtype, base.device, base.seed)
-    requests = make_requests(args, loaded.config.vocab_size)
-    longest = max(len(p) + n for p, n in requests)
+    # one load shared by both modes; under tensor parallelism each rank loads its own shard instead
+    loaded = loader.load(base.model, base.load_format, base.dtype, base.device, base.seed) if base.tensor_parallel_size == 1 else None
+    longest = int(args.input_len * (1 + args.random_range_ratio)) + int(args.output_len * (1 + args.random_range_ratio))
     results = {}
     for mode in modes:
         cfg = base.model_copy(update={"cache": mode, "max_model_len": base.max_model_len or longest})
-        results[mode] = run_mode(cfg, loaded, requests)
+        results[mode] = run_mode(cfg, loaded, args)
     ratio = None
     if args.compare:
         ratio = {k: results["kcache"][k] / results["full"][k] for k in RATIO_KEYS if results["full"][k]}
@@ -162,7 +163,7 @@ def run(args) -> int:
     if args.output_json:
         payload = {"command": " ".join(["kcache", *sys.argv[1:]]),
                    "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-                   "machine": machine(), "model": loaded.source, "results": results, "kcache_over_full": ratio}
+                   "machine": machine(), "model": base.model, "results": results, "kcache_over_full": ratio}
         args.output_json.parent.mkdir(parents=True, exist_ok=True)
         args.output_json.write_text(json.dumps(payload, indent=2))
         print(f"wrote {args.output_json}", file=sys.stderr)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from kcache.attention import decode_ops, reference
-from kcache.config import KCacheConfig
+from kcache.config import EngineConfig, KCacheConfig
 from kcache.models.config import ModelConfig
 
 
@@ -225,3 +225,9 @@ class KCache(PagedKVCache):
         per_layer = self.cfg.num_heads if self.kcfg.selection == "head" else self.cfg.num_kv_heads
         approx_layers = self.cfg.num_layers - max(self.dense, self.kcfg.dense_layers)
         return max(0, approx_layers) * per_layer * min(self.kcfg.budget, length)
+
+
+def make_cache(cfg: EngineConfig, model: ModelConfig, num_blocks: int, dtype: torch.dtype, device: torch.device) -> PagedKVCache:
+    """The cache `cfg.cache` names, for `model` (one rank's shard under TP: its KV heads only)."""
+    args = (model, num_blocks, cfg.block_size, dtype, device)
+    return FullKV(*args) if cfg.cache == "full" else KCache(*args, cfg.kcache)

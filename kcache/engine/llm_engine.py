@@ -67,7 +67,8 @@ class LLMEngine:
             self._stop_workers()
             raise
         self.cache = self.runner.cache
-        self.blocks = BlockManager(self.plan.num_blocks - bool(self.runner.graphs), cfg.block_size)  # graphs pad into the last block
+        graphs = bool(self.runner.graphs)
+        self.blocks = BlockManager(self.plan.num_blocks - graphs, cfg.block_size)  # graphs pad into the last block
         self.scheduler = Scheduler(self.blocks, cfg.max_num_seqs, cfg.max_num_batched_tokens)
         self.seqs: dict[str, Sequence] = {}
         self.callbacks: dict[str, Callable[[RequestOutput], None]] = {}

@@ -2,12 +2,15 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 from dataclasses import dataclass
 
 import torch
 
+from kcache.cache.kv import FullKV, StepBatch
 from kcache.config import EngineConfig
+from kcache.distributed import comm
 from kcache.models.config import ModelConfig
 
 log = logging.getLogger("kcache")
@@ -47,9 +50,30 @@ def device_budget(cfg: EngineConfig, device: torch.device, activation_peak: int)
     return max(0, int(cfg.device_memory_fraction * total) - used - activation_peak)
 
 
+def activation_peak(model, cfg: EngineConfig, dtype: torch.dtype, device: torch.device) -> int:
+    """Peak device memory of the largest prefill step, measured once on CUDA (0 elsewhere)."""
+    if device.type != "cuda":
+        return 0
+    n = cfg.max_num_batched_tokens
+    bs = cfg.block_size
+    cache = FullKV(model.config, math.ceil(n / bs), bs, dtype, device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    batch = StepBatch(True, torch.arange(n, device=device), torch.arange(cache.num_blocks, device=device,
+                      dtype=torch.int32)[None], torch.tensor([n], device=device, dtype=torch.int32), (0,), (n,), (0,))
+    with torch.inference_mode():
+        hidden = model(torch.zeros(n, dtype=torch.long, device=device), torch.arange(n, device=device), cache, batch)
+        model.logits(hidden[-1:])
+    peak = torch.cuda.max_memory_allocated(device) - before
+    del cache, hidden
+    torch.cuda.empty_cache()
+    return peak
+
+
 def plan_pools(cfg: EngineConfig, model: ModelConfig, dtype: torch.dtype, device: torch.device,
                activation_peak: int, max_model_len: int) -> PoolPlan:
-    """Blocks both budgets allow. Host V blocks share the device K blocks' ids, so the smaller count wins."""
+    """Blocks both budgets allow. Host V blocks share the device K blocks' ids, so the smaller count wins; under
+    TP `model` is one rank's shard, and every rank takes the smallest count of all ranks."""
     row = model.num_kv_heads * model.head_dim * torch.empty((), dtype=dtype).element_size() * cfg.block_size
     if cfg.cache == "full":
         dev_per_block, host_per_block = 2 * model.num_layers * row, 0
@@ -58,8 +82,11 @@ def plan_pools(cfg: EngineConfig, model: ModelConfig, dtype: torch.dtype, device
         dev_per_block, host_per_block = (model.num_layers + dense) * row, (model.num_layers - dense) * row
     blocks = device_budget(cfg, device, activation_peak) // dev_per_block
     if host_per_block:
-        host = cfg.host_cache_bytes if cfg.host_cache_bytes is not None else available_host_bytes() // 2
+        share = 2 * cfg.tensor_parallel_size  # half the free host memory, split among the ranks
+        host = cfg.host_cache_bytes if cfg.host_cache_bytes is not None else available_host_bytes() // share
         blocks = min(blocks, host // host_per_block)
+    if cfg.tensor_parallel_size > 1:
+        blocks = comm.min_over_ranks(blocks, device)
     plan = PoolPlan(int(blocks), cfg.block_size, dev_per_block, host_per_block)
     if plan.num_tokens < max_model_len:
         raise CacheTooSmallError(

@@ -3,6 +3,10 @@
 Tokens of all sequences in a step are flattened to one axis T (as in nano-vllm); attention is delegated to
 the cache object, which knows where K and V live. Parameter names match Hugging Face checkpoints, so a
 state dict loads as it is.
+
+Under tensor parallelism (`tp_size > 1`) each rank builds this model from its shard's config (fewer heads and
+MLP features, see kcache.distributed.sharding): o_proj and down_proj then produce partial sums, all-reduced
+here, and the LM head holds a slice of the vocabulary, gathered on rank 0.
 """
 from __future__ import annotations
 
@@ -11,6 +15,8 @@ import math
 import torch
 from torch import nn
 
+from kcache.distributed import comm
+from kcache.distributed.sharding import vocab_rows
 from kcache.models.config import ModelConfig
 
 
@@ -57,9 +63,9 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer_idx: int):
+    def __init__(self, cfg: ModelConfig, layer_idx: int, tp_size: int = 1):
         super().__init__()
-        self.layer_idx = layer_idx
+        self.layer_idx, self.tp_size = layer_idx, tp_size
         self.h, self.hkv, self.d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.q_proj = nn.Linear(cfg.hidden_size, self.h * self.d, bias=cfg.qkv_bias)
         self.k_proj = nn.Linear(cfg.hidden_size, self.hkv * self.d, bias=cfg.qkv_bias)
@@ -72,25 +78,28 @@ class Attention(nn.Module):
         k = apply_rope(self.k_proj(x).view(T, self.hkv, self.d), cos, sin)  # [T, Hkv, D]
         v = self.v_proj(x).view(T, self.hkv, self.d)  # [T, Hkv, D]
         o = cache.attend(self.layer_idx, q, k, v, batch)  # [T, H, D]
-        return self.o_proj(o.reshape(T, self.h * self.d))
+        out = self.o_proj(o.reshape(T, self.h * self.d))  # [T, hidden]: this rank's heads' share under TP
+        return comm.all_reduce(out) if self.tp_size > 1 else out
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, tp_size: int = 1):
         super().__init__()
+        self.tp_size = tp_size
         self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x):
-        return self.down_proj(nn.functional.silu(self.gate_proj(x)) * self.up_proj(x))
+        out = self.down_proj(nn.functional.silu(self.gate_proj(x)) * self.up_proj(x))  # [T, hidden], partial under TP
+        return comm.all_reduce(out) if self.tp_size > 1 else out
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer_idx: int):
+    def __init__(self, cfg: ModelConfig, layer_idx: int, tp_size: int = 1):
         super().__init__()
-        self.self_attn = Attention(cfg, layer_idx)
-        self.mlp = MLP(cfg)
+        self.self_attn = Attention(cfg, layer_idx, tp_size)
+        self.mlp = MLP(cfg, tp_size)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
@@ -100,20 +109,20 @@ class DecoderLayer(nn.Module):
 
 
 class Backbone(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, tp_size: int = 1):
         super().__init__()
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)  # whole on every rank
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i, tp_size) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
 
 class LlamaForCausalLM(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, tp_size: int = 1):
         super().__init__()
-        self.config = cfg
-        self.model = Backbone(cfg)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        if cfg.tie_word_embeddings:
+        self.config, self.tp_size = cfg, tp_size
+        self.model = Backbone(cfg, tp_size)
+        self.lm_head = nn.Linear(cfg.hidden_size, vocab_rows(cfg.vocab_size, tp_size), bias=False)
+        if cfg.tie_word_embeddings and tp_size == 1:  # under TP the head is a vocab slice of its own
             self.lm_head.weight = self.model.embed_tokens.weight
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
 
@@ -132,5 +141,6 @@ class LlamaForCausalLM(nn.Module):
         return self.model.norm(x)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden [n, hidden] -> logits [n, vocab], float32."""
-        return self.lm_head(hidden).float()
+        """hidden [n, hidden] -> logits [n, vocab], float32 (under TP: on rank 0; None on the other ranks)."""
+        logits = self.lm_head(hidden).float()  # [n, vocab / tp]
+        return comm.gather_vocab(logits, self.config.vocab_size) if self.tp_size > 1 else logits

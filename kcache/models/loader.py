@@ -1,5 +1,8 @@
 """Loading a model and its tokenizer: a local Hugging Face folder, a GGUF file, the bundled SmolLM2, or random
-weights for a named preset or config.json (`load_format="dummy"`). Nothing is downloaded."""
+weights for a named preset or config.json (`load_format="dummy"`). Nothing is downloaded.
+
+Under tensor parallelism every rank loads for itself and keeps its slices (`tp_rank`, `tp_size`); the model's
+config stays the full one, the network is built from the rank's shard config."""
 from __future__ import annotations
 
 import importlib.util
@@ -12,6 +15,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no hub access at run time, ever
 
 import torch
 
+from kcache.distributed.sharding import shard_config, shard_tensors
 from kcache.models.config import ModelConfig, UnsupportedModelError
 from kcache.models.llama import LlamaForCausalLM, rope_inv_freq
 from kcache.models.presets import PRESETS
@@ -54,23 +58,26 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def load(model: str | None, load_format: str = "auto", dtype: str = "auto", device: str = "auto", seed: int = 0) -> LoadedModel:
-    """Load by name, folder or file; see the module docstring."""
+def load(model: str | None, load_format: str = "auto", dtype: str = "auto", device: str = "auto", seed: int = 0,
+         tp_rank: int = 0, tp_size: int = 1) -> LoadedModel:
+    """Load by name, folder or file (this rank's shard under TP); see the module docstring."""
     dev = resolve_device(device)
     name = model or "smollm2"
+    tp = (tp_rank, tp_size)
     if load_format == "dummy":
         cfg_dict, folder = _dummy_config(name)
         cfg = ModelConfig.from_hf(cfg_dict)
-        net = _random_model(cfg, resolve_dtype(dtype, dev), dev, seed)
+        dt = resolve_dtype(dtype, dev)
+        net = _random_model(cfg, dt, dev, seed) if tp_size == 1 else _random_shard(cfg, dt, dev, seed, *tp)
         return LoadedModel(net, cfg, _tokenizer_if_any(folder), f"dummy:{name}")
     if name.lower() in BUNDLED_NAMES:
         path = bundled_gguf()
-        return _load_gguf(path, dtype, dev)
+        return _load_gguf(path, dtype, dev, tp)
     path = Path(name).expanduser()
     if path.suffix == ".gguf":
-        return _load_gguf(path, dtype, dev)
+        return _load_gguf(path, dtype, dev, tp)
     if path.is_dir():
-        return _load_hf_folder(path, dtype, dev)
+        return _load_hf_folder(path, dtype, dev, tp)
     if name in PRESETS:
         raise ModelLoadError(f"{name!r} is a shape preset without weights: add --load-format dummy")
     raise ModelLoadError(f"no such model: {name!r} (give a folder with config.json, a .gguf file, or 'smollm2')")
@@ -110,21 +117,43 @@ def _random_model(cfg: ModelConfig, dtype: torch.dtype, device: torch.device, se
     return _finish(net, cfg, device)
 
 
-def _finish(net: LlamaForCausalLM, cfg: ModelConfig, device: torch.device) -> LlamaForCausalLM:
+def _random_shard(cfg: ModelConfig, dtype: torch.dtype, device: torch.device, seed: int, rank: int, tp: int) -> LlamaForCausalLM:
+    """This rank's slices of exactly the weights `_random_model` draws: every rank draws each full tensor in the
+    same order from the same seed, keeps its slice and drops the rest (one full tensor at a time)."""
+    with torch.device("meta"):
+        full = LlamaForCausalLM(cfg)
+        net = LlamaForCausalLM(shard_config(cfg, tp), tp)
+    net = net.to(dtype).to_empty(device=device)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    with torch.no_grad():
+        for name, p in full.named_parameters():
+            value = torch.empty(p.shape, dtype=dtype, device=device)
+            value.fill_(1.0) if name.endswith("norm.weight") else value.normal_(0.0, 0.02, generator=gen)
+            for shard_name, shard in shard_tensors({name: value}, cfg, rank, tp).items():
+                net.get_parameter(shard_name).copy_(shard)
+    return _finish(net, cfg, device, tp)
+
+
+def _finish(net: LlamaForCausalLM, cfg: ModelConfig, device: torch.device, tp: int = 1) -> LlamaForCausalLM:
     net.inv_freq = rope_inv_freq(cfg).to(device)
-    if cfg.tie_word_embeddings:
+    if cfg.tie_word_embeddings and tp == 1:
         net.lm_head.weight = net.model.embed_tokens.weight
     return net.eval().requires_grad_(False)
 
 
-def _from_state_dict(cfg: ModelConfig, tensors: dict, dtype: torch.dtype, device: torch.device) -> LlamaForCausalLM:
+def _from_state_dict(cfg: ModelConfig, tensors: dict, dtype: torch.dtype, device: torch.device,
+                     tp: tuple[int, int] = (0, 1)) -> LlamaForCausalLM:
+    rank, size = tp
+    tied = cfg.tie_word_embeddings and size == 1
     with torch.device("meta"):
-        net = LlamaForCausalLM(cfg)
+        net = LlamaForCausalLM(shard_config(cfg, size), size)
     if cfg.tie_word_embeddings:
         tensors.pop("lm_head.weight", None)
+    if size > 1:
+        tensors = shard_tensors(tensors, cfg, rank, size)
     tensors = {k: v.to(device=device, dtype=dtype) for k, v in tensors.items() if "rotary_emb" not in k}
     expected = set(net.state_dict())
-    if cfg.tie_word_embeddings:
+    if tied:
         expected.discard("lm_head.weight")
     missing, unexpected = expected - set(tensors), set(tensors) - expected
     if missing or unexpected:
@@ -132,10 +161,18 @@ def _from_state_dict(cfg: ModelConfig, tensors: dict, dtype: torch.dtype, device
             f"checkpoint does not match a {cfg.architecture}: missing {sorted(missing)[:4]}, unexpected {sorted(unexpected)[:4]}"
         )
     net.load_state_dict(tensors, strict=False, assign=True)
-    return _finish(net, cfg, device)
+    return _finish(net, cfg, device, size)
 
 
-def _load_hf_folder(folder: Path, dtype: str, device: torch.device) -> LoadedModel:
+def shard(loaded: LoadedModel, rank: int, tp: int) -> LoadedModel:
+    """A model loaded whole -> this rank's shard of it (on the same device: slices share its memory)."""
+    net = loaded.model
+    dtype, device = next(net.parameters()).dtype, next(net.parameters()).device
+    return LoadedModel(_from_state_dict(loaded.config, dict(net.state_dict()), dtype, device, (rank, tp)), loaded.config,
+                       loaded.tokenizer, loaded.source)
+
+
+def _load_hf_folder(folder: Path, dtype: str, device: torch.device, tp: tuple[int, int] = (0, 1)) -> LoadedModel:
     from safetensors.torch import load_file
 
     if not (folder / "config.json").is_file():
@@ -150,11 +187,11 @@ def _load_hf_folder(folder: Path, dtype: str, device: torch.device) -> LoadedMod
             tensors.update(load_file(str(f)))
         except Exception as e:  # safetensors raises its own error types for corrupt files
             raise ModelLoadError(f"cannot read {f}: {e}") from None
-    net = _from_state_dict(cfg, tensors, resolve_dtype(dtype, device), device)
+    net = _from_state_dict(cfg, tensors, resolve_dtype(dtype, device), device, tp)
     return LoadedModel(net, cfg, _tokenizer_if_any(folder), str(folder))
 
 
-def _load_gguf(path: Path, dtype: str, device: torch.device) -> LoadedModel:
+def _load_gguf(path: Path, dtype: str, device: torch.device, tp: tuple[int, int] = (0, 1)) -> LoadedModel:
     """Dequantize a GGUF file through transformers' reader (weights come back under Hugging Face names)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
@@ -172,7 +209,7 @@ def _load_gguf(path: Path, dtype: str, device: torch.device) -> LoadedModel:
         raise
     except Exception as e:  # the gguf reader raises many types for truncated or foreign files
         raise ModelLoadError(f"cannot read GGUF file {path}: {type(e).__name__}: {e}") from None
-    net = _from_state_dict(cfg, tensors, resolve_dtype(dtype, device), device)
+    net = _from_state_dict(cfg, tensors, resolve_dtype(dtype, device), device, tp)
     return LoadedModel(net, cfg, tokenizer, str(path))
 
 

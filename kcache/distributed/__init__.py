@@ -1,0 +1,1 @@
+"""Tensor parallelism: how weights split over ranks (sharding), the process group (comm), the worker processes (worker)."""

@@ -1,0 +1,54 @@
+"""Ranks 1..N-1 of a tensor-parallel engine, one process each (rank 0 is the engine's own process).
+
+A worker loads its shard, builds the same pools and runner as rank 0 (their collectives pair up), then runs
+every step rank 0 sends down its pipe until it receives None.
+"""
+from __future__ import annotations
+
+import torch
+import torch.multiprocessing as mp
+
+from kcache.config import EngineConfig
+from kcache.distributed import comm
+from kcache.distributed.sharding import rank_device
+
+
+class Workers:
+    def __init__(self, cfg: EngineConfig, port: int):
+        ctx = mp.get_context("spawn")  # CUDA cannot be used in a forked child
+        self.conns, self.procs = [], []
+        for rank in range(1, cfg.tensor_parallel_size):
+            recv, send = ctx.Pipe(duplex=False)
+            proc = ctx.Process(target=_main, args=(cfg, rank, port, recv), name=f"kcache-tp{rank}", daemon=True)
+            proc.start()
+            self.conns.append(send)
+            self.procs.append(proc)
+
+    def stop(self, timeout: float = 30.0) -> None:
+        for conn in self.conns:
+            try:
+                conn.send(None)
+            except OSError:  # that worker is gone already
+                pass
+        for proc in self.procs:
+            proc.join(timeout)
+            if proc.is_alive():
+                proc.terminate()
+                proc.join()
+        self.conns, self.procs = [], []
+
+
+def _main(cfg: EngineConfig, rank: int, port: int, conn) -> None:
+    from kcache.engine.model_runner import build_runner
+    from kcache.models import loader
+
+    tp = cfg.tensor_parallel_size
+    device = rank_device(cfg.device, rank)
+    comm.init(rank, tp, port, torch.device(device))
+    loaded = loader.load(cfg.model, cfg.load_format, cfg.dtype, device, cfg.seed, rank, tp)
+    max_model_len = cfg.max_model_len or loaded.config.max_position_embeddings
+    runner, _ = build_runner(cfg, loaded.model, max_model_len)
+    while (step := conn.recv()) is not None:
+        runner.execute(*step)
+    runner.cache.close()
+    comm.destroy()
