@@ -133,7 +133,9 @@ def describe(e: BaseException) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
+    args.command_line = " ".join(["kcache", *argv])  # as typed, for results files
     chatty = getattr(args, "verbose", False) or args.command in ("bench", "serve")
     logging.basicConfig(level=logging.INFO if chatty else logging.WARNING, format="kcache: %(message)s", stream=sys.stderr)
     module = importlib.import_module(SUBCOMMANDS[args.command][0])

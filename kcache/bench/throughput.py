@@ -161,7 +161,7 @@ def run(args) -> int:
         ratio = {k: results["kcache"][k] / results["full"][k] for k in RATIO_KEYS if results["full"][k]}
     print_table(results, ratio)
     if args.output_json:
-        payload = {"command": " ".join(["kcache", *sys.argv[1:]]),
+        payload = {"command": args.command_line,
                    "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
                    "machine": machine(), "model": base.model, "results": results, "kcache_over_full": ratio}
         args.output_json.parent.mkdir(parents=True, exist_ok=True)
