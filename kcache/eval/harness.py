@@ -22,6 +22,8 @@ class Harness:
     def __init__(self, engine: LLMEngine):
         if not isinstance(engine.cache, KCache):
             raise ValueError("the evaluation needs an engine with cache='kcache' (the full cache is one of its settings)")
+        if getattr(engine.runner, "graphs", None):
+            raise ValueError("the evaluation needs enforce_eager=True: a CUDA graph replays the setting it was captured with")
         self.engine, self.cache = engine, engine.cache
         self.num_layers = engine.model_config.num_layers
 

@@ -79,10 +79,12 @@ def _table(header: list[str], rows: list[list]) -> list[str]:
 
 def markdown(results: dict) -> str:
     s, methods = results["settings"], results["methods"]
-    lines = [f"# kcache eval: {s['model']}", "",
-             f"Device {results['device']}, {results['seconds'] / 60:.1f} min. Settings: `config.yaml`; "
-             f"per-item outputs: `predictions.jsonl`. N = V rows read per KV head (per query head with "
-             "selection=head) and layer at each decode step.", ""]
+    lines = [f"# kcache eval: {s['model']}", ""]
+    if results.get("command"):
+        lines += [f"`{results['command']}`", ""]
+    lines += [f"Device {results['device']}, {results['seconds'] / 60:.1f} min. Settings: `config.yaml`; "
+              "per-item outputs: `predictions.jsonl`. N = V rows read per KV head (per query head with "
+              "selection=head) and layer at each decode step.", ""]
     for task in s["tasks"]:
         lengths = sorted({n for m in methods.values() for n in m["tasks"].get(task, {}).get("by_length", {})}, key=int)
         if not lengths:
@@ -144,14 +146,17 @@ def plots(results: dict, records: list[dict], out: Path) -> list[Path]:
             written.append(_heatmap(plt, [r for r in records if r["method"] == name], name,
                                     out / "heatmaps" / f"{slug(name)}.png"))
         tasks = list(results["settings"]["tasks"])
-        written.append(_curves(plt, results, tasks, lambda m, t: m["tasks"][t]["accuracy"], "accuracy",
+        written.append(_curves(plt, results, tasks, lambda m, t: m["tasks"][t]["accuracy"], "accuracy (all lengths)",
                                out / "accuracy_vs_n.png", ylim=(-0.03, 1.03)))
     if results["settings"]["ppl_tokens"]:
         prefixes = [str(p) for p in results["settings"]["ppl_prefix"]]
-        written.append(_curves(plt, results, prefixes, lambda m, p: m["fidelity"][p]["perplexity"], "perplexity",
-                               out / "ppl_vs_n.png", log_y=True, title="prefix {} tokens"))
+        # The excess over the full cache on a log axis: 1% and 100x both stay readable.
+        written.append(_curves(plt, results, prefixes, lambda m, p: m["fidelity"][p]["ppl_ratio"] - 1,
+                               "perplexity / full - 1", out / "ppl_vs_n.png", log_y=True, title="prefix {} tokens",
+                               target=TARGET_PPL_RATIO - 1, show_full=False))
         written.append(_curves(plt, results, prefixes, lambda m, p: m["fidelity"][p]["top1_agreement"],
-                               "top-1 agreement with full", out / "top1_vs_n.png", title="prefix {} tokens"))
+                               "top-1 agreement with full", out / "top1_vs_n.png", title="prefix {} tokens",
+                               target=TARGET_TOP1, ylim=(0, 1.02)))
     return written
 
 
@@ -178,28 +183,33 @@ def _heatmap(plt, records: list[dict], name: str, path: Path) -> Path:
         ax.set_title(task, fontsize=9)
     fig.suptitle(name, fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=80)
     plt.close(fig)
     return path
 
 
 def _curves(plt, results: dict, panels: list[str], value, ylabel: str, path: Path, log_y: bool = False,
-            ylim=None, title: str = "{}") -> Path:
-    """One panel per task or prefix: a line per method family over the budget N, the full cache dashed."""
+            ylim=None, title: str = "{}", target: float | None = None, show_full: bool = True) -> Path:
+    """One panel per task or prefix: a line per method family over the budget N, the full cache dashed and the
+    target (if any) dotted."""
     methods = results["methods"]
     families = defaultdict(list)
     for m in methods.values():
         families[m["family"]].append(m)
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False)
+    budgets = sorted({m["budget"] for m in methods.values() if m["budget"] is not None})
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels) + 1.6, 3.6), squeeze=False)
     for ax, panel in zip(axes[0], panels):
-        for family, ms in families.items():
+        for i, (family, ms) in enumerate(families.items()):
             if family == "full":
-                ax.axhline(value(ms[0], panel), color="black", linestyle="--", linewidth=1, label="full")
+                if show_full:
+                    ax.axhline(value(ms[0], panel), color="black", linestyle="--", linewidth=1, label="full")
                 continue
             ms = sorted(ms, key=lambda m: m["budget"])
-            ax.plot([m["budget"] for m in ms], [value(m, panel) for m in ms], marker="o", markersize=3, label=family)
+            ax.plot([m["budget"] for m in ms], [value(m, panel) for m in ms], marker="osD^v<>"[i % 7], markersize=4,
+                    linewidth=1.2, alpha=0.85, label=family)
+        if target is not None:
+            ax.axhline(target, color="grey", linestyle=":", linewidth=1.2, label="target")
         ax.set_xscale("log", base=2)
-        budgets = sorted({m["budget"] for m in methods.values() if m["budget"] is not None})
         ax.set_xticks(budgets, [str(b) for b in budgets], fontsize=7)
         ax.minorticks_off()
         if log_y:

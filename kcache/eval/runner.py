@@ -116,6 +116,8 @@ def resolve(args) -> dict:
         s[key] = _as_list(key, s[key])
     if not s["methods"]:
         raise CLIError("no methods given")
+    if s["tasks"] and not (s["lengths"] and s["depths"]):
+        raise CLIError("tasks need lengths and depths")
     if any(n < 1 for n in s["lengths"]) or any(not 0 <= d <= 1 for d in s["depths"]):
         raise CLIError("lengths must be positive and depths within [0, 1]")
     if s["ppl_tokens"] and any(n < 1 for n in s["ppl_prefix"]):
@@ -141,7 +143,7 @@ def make_items(tokenizer, s: dict, max_model_len: int) -> list[tuple[str, int, o
 
     cap = max_model_len - Item.max_new_tokens
     lengths = sorted({min(n, cap) for n in s["lengths"]})
-    if max(s["lengths"]) > cap:
+    if any(n > cap for n in s["lengths"]):
         log.warning("lengths capped at %d tokens: the context minus the answer's %d", cap, Item.max_new_tokens)
     try:
         specs = [parse_task(t) for t in s["tasks"]]
@@ -277,8 +279,10 @@ def run(args) -> int:
     s = resolve(args)
     methods = methods_from(s["methods"])
     s["methods"] = [m.name for m in methods]
+    # V of every layer goes to the host pool; each method then sets cache.kcfg (the full cache: all layers exact).
+    # Eager decode: a CUDA graph would replay the setting it was captured with, whatever cache.kcfg says.
     llm = LLM(s["model"], cache=KCacheConfig(), dtype=s["dtype"], device=s["device"], max_model_len=s["max_model_len"],
-              seed=s["seed"])
+              seed=s["seed"], enforce_eager=True)
     if llm.tokenizer is None:
         raise CLIError("this model has no tokenizer files; the tasks need text")
     harness = Harness(llm.engine)
@@ -293,7 +297,7 @@ def run(args) -> int:
         fidelity = run_fidelity(harness, s, methods, bar) if s["ppl_tokens"] else {}
     results = summarize_run(s, methods, records, fidelity, llm.engine.model_config, str(llm.engine.device),
                             time.perf_counter() - t0)
-    results["torch_threads"] = torch.get_num_threads()
+    results.update(command=getattr(args, "command_line", None), torch_threads=torch.get_num_threads())
     (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     (out / "results.md").write_text(report.markdown(results))
     report.plots(results, records, out)
