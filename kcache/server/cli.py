@@ -26,11 +26,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
-    import uvicorn
+    try:
+        import uvicorn
 
+        from kcache.server.app import build_app
+    except ImportError as e:  # the server's packages are an extra
+        raise CLIError(f"kcache serve needs the serve extra ({e.name} is missing): pip install 'kcache[serve]'") from None
     from kcache.engine.async_engine import AsyncEngine
     from kcache.engine.llm_engine import LLMEngine
-    from kcache.server.app import build_app
 
     if args.shutdown_grace < 0 or args.max_body_mb <= 0:
         raise CLIError("--shutdown-grace must be >= 0 and --max-body-mb > 0")
