@@ -57,6 +57,7 @@ class TextStreamer:
 def run(args) -> int:
     from kcache.config import SamplingParams
     from kcache.engine.llm_engine import LLMEngine
+    from kcache.llm import chat_ids
 
     prompt = read_prompt(args)
     if not prompt.strip():
@@ -70,8 +71,7 @@ def run(args) -> int:
     if args.chat:
         if not getattr(engine.tokenizer, "chat_template", None):
             raise CLIError("this model has no chat template; drop --chat")
-        ids = list(engine.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                                        tokenize=True, return_dict=True)["input_ids"])
+        ids = chat_ids(engine.tokenizer, prompt)
     final = {}
     streamer = TextStreamer(engine.tokenizer, sys.stdout)
 

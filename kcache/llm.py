@@ -6,6 +6,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
+from kcache.cache.kv import KCache
 from kcache.config import EngineConfig, KCacheConfig, SamplingParams
 from kcache.engine.llm_engine import LLMEngine, RequestOutput
 from kcache.engine.sequence import Sequence
@@ -23,6 +24,14 @@ def engine_config(model: str = "smollm2", cache: str | KCacheConfig = "kcache", 
         kwargs["kcache"] = cache
         cache = "kcache"
     return EngineConfig(model=model, cache=cache, **kwargs)
+
+
+def chat_ids(tokenizer, message: str) -> list[int]:
+    """Token ids of one user message under the tokenizer's chat template, ready for the assistant's answer."""
+    if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+        raise ValueError("this model has no chat template")
+    return list(tokenizer.apply_chat_template([{"role": "user", "content": message}], add_generation_prompt=True,
+                                              tokenize=True, return_dict=True)["input_ids"])
 
 
 class LLM:
@@ -52,10 +61,7 @@ class LLM:
 
     def chat_prompt(self, message: str) -> list[int]:
         """Token ids of one user message under the model's chat template."""
-        if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
-            raise ValueError("this model has no chat template")
-        return list(self.tokenizer.apply_chat_template([{"role": "user", "content": message}], add_generation_prompt=True,
-                                                       tokenize=True, return_dict=True)["input_ids"])
+        return chat_ids(self.tokenizer, message)
 
     def score(self, token_ids: list[int], prefix_len: int, chunk: int = 64) -> ScoreOutput:
         """Teacher-forced scoring: prefill token_ids[:prefix_len] exactly, then every later token as a decode step
@@ -84,7 +90,7 @@ class LLM:
 
     def _mean_mass(self, n: int) -> torch.Tensor:
         cache = self.engine.cache
-        dense = max(cache.dense, cache.kcfg.dense_layers) if hasattr(cache, "kcfg") else cache.cfg.num_layers
+        dense = cache.exact_layers if isinstance(cache, KCache) else cache.cfg.num_layers
         if dense >= cache.cfg.num_layers:
             return torch.ones(n)
         return cache.mass[dense:].mean((0, 2)).cpu()

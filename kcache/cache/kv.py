@@ -196,8 +196,14 @@ class KCache(PagedKVCache):
         self.mass = self._mass_buffer[:, :batch_size]
         self.mass.fill_(1.0)
 
+    @property
+    def exact_layers(self) -> int:
+        """The first layers decode exactly: those whose V is on the device, or more if kcfg asks (the evaluation
+        swaps kcfg over one cache); their mass kept is 1 and they read nothing from the host."""
+        return min(self.cfg.num_layers, max(self.dense, self.kcfg.dense_layers))
+
     def _exact(self, layer: int) -> bool:
-        return layer < self.dense or layer < self.kcfg.dense_layers
+        return layer < self.exact_layers
 
     def _decode(self, layer, q, kc, vc, batch):
         if self._exact(layer):
@@ -223,8 +229,7 @@ class KCache(PagedKVCache):
     def v_rows_read(self, length: int) -> int:
         """V rows one sequence of `length` cached tokens reads from the host per decode step."""
         per_layer = self.cfg.num_heads if self.kcfg.selection == "head" else self.cfg.num_kv_heads
-        approx_layers = self.cfg.num_layers - max(self.dense, self.kcfg.dense_layers)
-        return max(0, approx_layers) * per_layer * min(self.kcfg.budget, length)
+        return (self.cfg.num_layers - self.exact_layers) * per_layer * min(self.kcfg.budget, length)
 
 
 def make_cache(cfg: EngineConfig, model: ModelConfig, num_blocks: int, dtype: torch.dtype, device: torch.device) -> PagedKVCache:

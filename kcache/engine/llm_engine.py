@@ -186,7 +186,7 @@ class LLMEngine:
     def _record_decode_stats(self, seqs: list[Sequence]) -> None:
         if not isinstance(self.cache, KCache):
             return
-        dense = max(self.cache.dense, self.cache.kcfg.dense_layers)
+        dense = self.cache.exact_layers
         row_bytes = self.model_config.head_dim * self.cache.v_host.element_size()
         for s in seqs:  # every rank reads as many rows for its own KV heads
             s.v_bytes_read += self.cache.v_rows_read(s.num_tokens) * row_bytes * self.tp

@@ -90,7 +90,7 @@ class Harness:
 
     def _mass(self) -> torch.Tensor:
         """Mean mass kept in the last step per row [B], over the approximated layers and all heads."""
-        dense = max(self.cache.dense, self.cache.kcfg.dense_layers)
+        dense = self.cache.exact_layers
         if dense >= self.num_layers:
             return torch.ones(self.cache.mass.shape[1])
         return self.cache.mass[dense:].mean((0, 2)).float().cpu()
