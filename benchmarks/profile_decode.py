@@ -4,6 +4,8 @@ python benchmarks/profile_decode.py kcache|full BATCH CONTEXT
 """
 from __future__ import annotations
 
+import cProfile
+import pstats
 import sys
 import time
 
@@ -22,7 +24,7 @@ def main(mode: str, batch: int, context: int) -> None:
                        host_cache_bytes=96 << 30)
     eng = LLMEngine(cfg, loaded)
     for i in range(batch):
-        eng.add_request([100 + i] * context, SamplingParams(max_tokens=40, ignore_eos=True))
+        eng.add_request([100 + i] * context, SamplingParams(max_tokens=60, ignore_eos=True))
     while len(eng.scheduler.running) < batch:  # prefill everything first
         eng.step()
     for _ in range(3):
@@ -37,6 +39,14 @@ def main(mode: str, batch: int, context: int) -> None:
     print(f"{mode} batch {batch} context {context}: {step_ms:.1f} ms per decode step (profiled)")
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12, max_name_column_width=60))
     print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=12, max_name_column_width=60))
+    host = cProfile.Profile()  # the Python side of the same steps, unprofiled by torch: where the wall time goes
+    t0 = time.perf_counter()
+    host.enable()
+    for _ in range(10):
+        eng.step()
+    host.disable()
+    print(f"{(time.perf_counter() - t0) / 10 * 1e3:.1f} ms per decode step (cProfile)")
+    pstats.Stats(host).sort_stats("tottime").print_stats(15)
     eng.close()
 
 

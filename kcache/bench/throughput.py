@@ -20,7 +20,8 @@ from tqdm.auto import tqdm
 
 from kcache.cli import add_engine_args, engine_config_from_args, positive_int
 
-RATIO_KEYS = ("requests_per_s", "output_tokens_per_s", "decode_tokens_per_s", "max_concurrent_seqs", "mean_ttft_s", "mean_tpot_s")
+RATIO_KEYS = ("requests_per_s", "output_tokens_per_s", "decode_tokens_per_s", "full_batch_decode_tokens_per_s",
+              "max_concurrent_seqs", "mean_ttft_s", "mean_tpot_s")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -86,6 +87,8 @@ def run_mode(cfg, loaded, args) -> dict:
 def summarize(engine, finished, elapsed: float) -> dict:
     decode = [s for s in engine.steps if not s.is_prefill]
     decode_s = sum(s.seconds for s in decode)
+    # Steady state: the decode steps that ran the largest batch (ramp-up and draining steps run fewer sequences).
+    full_batch = [s for s in decode if s.num_tokens == engine.scheduler.max_running]
     out_tokens = sum(len(o.token_ids) for o in finished)
     ttft = [o.metrics["ttft_s"] for o in finished if o.metrics["ttft_s"] is not None]
     tpot = [o.metrics["tpot_s"] for o in finished if o.metrics["tpot_s"] is not None]
@@ -97,7 +100,10 @@ def summarize(engine, finished, elapsed: float) -> dict:
         "elapsed_s": elapsed,
         "requests_per_s": len(finished) / elapsed,
         "output_tokens_per_s": out_tokens / elapsed,
-        "decode_tokens_per_s": sum(s.num_tokens for s in decode) / decode_s if decode_s else float("nan"),
+        "decode_tokens_per_s": _tokens_per_s(decode),
+        "full_batch_decode_tokens_per_s": _tokens_per_s(full_batch),
+        "full_batch_decode_steps": len(full_batch),
+        "mean_decode_batch": sum(s.num_tokens for s in decode) / len(decode) if decode else float("nan"),
         "decode_seconds": decode_s,
         "prefill_seconds": sum(s.seconds for s in engine.steps if s.is_prefill),
         "mean_ttft_s": sum(ttft) / len(ttft), "p50_ttft_s": percentile(ttft, 50), "p99_ttft_s": percentile(ttft, 99),
@@ -113,6 +119,11 @@ def summarize(engine, finished, elapsed: float) -> dict:
     }
 
 
+def _tokens_per_s(steps) -> float:
+    seconds = sum(s.seconds for s in steps)
+    return sum(s.num_tokens for s in steps) / seconds if seconds else float("nan")
+
+
 def machine() -> dict:
     info = {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
             "cpu_count": os.cpu_count(), "processor": platform.processor() or platform.machine()}
@@ -123,7 +134,8 @@ def machine() -> dict:
 
 
 def print_table(results: dict[str, dict], ratio: dict | None) -> None:
-    rows = ["requests_per_s", "output_tokens_per_s", "decode_tokens_per_s", "mean_ttft_s", "p50_ttft_s", "p99_ttft_s",
+    rows = ["requests_per_s", "output_tokens_per_s", "decode_tokens_per_s", "full_batch_decode_tokens_per_s",
+            "mean_decode_batch", "mean_ttft_s", "p50_ttft_s", "p99_ttft_s",
             "mean_tpot_s", "p50_tpot_s", "p99_tpot_s", "max_concurrent_seqs", "preemptions", "pool_tokens",
             "device_pool_bytes", "host_pool_bytes", "mass_kept_mean"]
     modes = list(results)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from collections import deque
 
-from kcache.engine.sequence import Sequence
+from kcache.engine.sequence import BlockTable, Sequence
 
 
 class BlockManager:
@@ -36,5 +36,5 @@ class BlockManager:
 
     def release(self, seq: Sequence) -> None:
         self.free.extend(seq.block_table)
-        seq.block_table = []
+        seq.block_table = BlockTable()
         seq.num_cached = 0

@@ -141,13 +141,14 @@ class LLMEngine:
         if not chunks:
             return []
         t0 = time.perf_counter()
+        mass = ()
         if is_prefill:
             logits = self.runner.prefill(chunks)
             ready = [(i, s) for i, (s, n) in enumerate(chunks) if self.scheduler.prefilled(s, n)]
         else:
             seqs = [s for s, _ in chunks]
             logits = self.runner.decode(seqs)
-            self._record_decode_stats(seqs)
+            mass = self._mass_summary(len(seqs))
             for s in seqs:
                 s.num_cached = s.num_tokens
             ready = list(enumerate(seqs))
@@ -156,7 +157,9 @@ class LLMEngine:
             seqs = [s for _, s in ready]
             if len(ready) < logits.shape[0]:  # some prefill chunks did not finish their prompt
                 logits = logits[torch.tensor([i for i, _ in ready], device=logits.device)]
-            tokens = sample(logits, [s.params for s in seqs], [s.generator for s in seqs])
+            tokens, mass = sample(logits, [s.params for s in seqs], [s.generator for s in seqs], mass)
+            if not is_prefill:
+                self._record_decode_stats(seqs, mass)
             now = time.perf_counter()
             for seq, tok in zip(seqs, tokens):
                 outputs.append(self._append(seq, tok, now))
@@ -183,19 +186,24 @@ class LLMEngine:
             return "length"
         return None
 
-    def _record_decode_stats(self, seqs: list[Sequence]) -> None:
+    def _mass_summary(self, batch: int) -> tuple[torch.Tensor, ...]:
+        """Per sequence, the sum and minimum of this step's mass kept over approximate layers and heads (rank 0's
+        heads under TP), still on the device: they come back with the sampled tokens."""
+        if not isinstance(self.cache, KCache) or self.cache.exact_layers >= self.model_config.num_layers:
+            return ()
+        m = self.cache.mass[self.cache.exact_layers:, :batch]  # [L', B, H]
+        return m.sum((0, 2)), m.amin((0, 2))
+
+    def _record_decode_stats(self, seqs: list[Sequence], mass: list[list[float]]) -> None:
         if not isinstance(self.cache, KCache):
             return
-        dense = self.cache.exact_layers
         row_bytes = self.model_config.head_dim * self.cache.v_host.element_size()
         for s in seqs:  # every rank reads as many rows for its own KV heads
             s.v_bytes_read += self.cache.v_rows_read(s.num_tokens) * row_bytes * self.tp
-        if dense >= self.model_config.num_layers:
+        if not mass:
             return
-        m = self.cache.mass[dense:, :len(seqs)]  # [L', B, H]: rank 0's heads under TP
-        sums, mins = torch.stack([m.sum((0, 2)), m.amin((0, 2))]).tolist()  # one device-to-host sync
-        per_seq = m.shape[0] * m.shape[2]
-        for s, total, low in zip(seqs, sums, mins):
+        per_seq = (self.model_config.num_layers - self.cache.exact_layers) * self.cache.mass.shape[2]
+        for s, total, low in zip(seqs, *mass):
             s.mass_kept_sum += total
             s.mass_kept_count += per_seq
             s.mass_kept_min = min(s.mass_kept_min, low)

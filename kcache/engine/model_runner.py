@@ -6,6 +6,7 @@ bucket write into a scratch block that no sequence owns.
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from kcache.cache.kv import KCache, PagedKVCache, StepBatch, make_cache
@@ -42,15 +43,19 @@ class ModelRunner:
             self._capture_graphs(max_num_seqs, -(-max_model_len // self.block_size))
 
     def _tensor(self, data, dtype=torch.long) -> torch.Tensor:
-        return torch.tensor(data, dtype=dtype, device=self.device)
+        return torch.as_tensor(data, dtype=dtype).to(self.device)
 
-    def _slots(self, seq: Sequence, start: int, end: int) -> list[int]:
-        bs = self.block_size
-        return [seq.block_table[p // bs] * bs + p % bs for p in range(start, end)]
+    def _slots(self, seq: Sequence, start: int, end: int) -> np.ndarray:
+        """Pool slots [end - start] int64 of the sequence's positions start..end-1."""
+        pos = np.arange(start, end)
+        return seq.block_table.ids[pos // self.block_size].astype(np.int64) * self.block_size + pos % self.block_size
 
-    def _block_tables(self, seqs: list[Sequence]) -> list[list[int]]:
-        width = max(len(s.block_table) for s in seqs)
-        return [s.block_table + [0] * (width - len(s.block_table)) for s in seqs]
+    def _block_tables(self, seqs: list[Sequence]) -> np.ndarray:
+        """[B, widest table] int32, zero-padded."""
+        tables = np.zeros((len(seqs), max(len(s.block_table) for s in seqs)), dtype=np.int32)
+        for row, s in zip(tables, seqs):
+            row[:len(s.block_table)] = s.block_table.ids
+        return tables
 
     def run(self, kind: str, inputs: dict) -> torch.Tensor | None:
         """Send the step to the other ranks (if any), then run it here."""
@@ -70,12 +75,13 @@ class ModelRunner:
             c = seq.num_cached
             starts.append(len(ids))
             ids += seq.token_ids[c:c + n]
-            pos += range(c, c + n)
-            slots += self._slots(seq, c, c + n)
+            pos.append(np.arange(c, c + n))
+            slots.append(self._slots(seq, c, c + n))
             lens.append(n)
             ctxs.append(c)
         tables = self._block_tables([s for s, _ in chunks])
-        return self.run("prefill", dict(ids=ids, pos=pos, slots=slots, tables=tables, starts=starts, lens=lens, ctxs=ctxs))
+        return self.run("prefill", dict(ids=ids, pos=np.concatenate(pos), slots=np.concatenate(slots), tables=tables,
+                                        starts=starts, lens=lens, ctxs=ctxs))
 
     def _prefill(self, ids, pos, slots, tables, starts, lens, ctxs):
         batch = StepBatch(
@@ -91,7 +97,7 @@ class ModelRunner:
         """One token per sequence (its last, not yet cached); logits [B, V]."""
         return self.run("decode", dict(
             ids=[s.token_ids[-1] for s in seqs], pos=[s.num_tokens - 1 for s in seqs],
-            slots=[self._slots(s, s.num_tokens - 1, s.num_tokens)[0] for s in seqs],
+            slots=[int(self._slots(s, s.num_tokens - 1, s.num_tokens)[0]) for s in seqs],
             tables=self._block_tables(seqs), lens=[s.num_tokens for s in seqs],
         ))
 
@@ -120,6 +126,11 @@ class ModelRunner:
             "lens": torch.ones(n, dtype=torch.int32, device=self.device),
         }
         self.scratch = scratch
+        # One pinned host buffer and its device twin carry a step's inputs in one copy: [B, 4 + width] int64 rows
+        # of (id, position, slot, length, block table).
+        self.staging = torch.empty(n * (4 + max_blocks), dtype=torch.long, pin_memory=True)
+        self.staging_dev = torch.empty_like(self.staging, device=self.device)
+        self.staged = torch.cuda.Event()
         if isinstance(self.cache, KCache):
             self.cache.begin_decode(n)  # allocates the mass buffer at its final size before any capture
         pool = None
@@ -147,9 +158,14 @@ class ModelRunner:
         B = len(ids)
         bucket = min(b for b in self.graphs if b >= B)
         st = self.static
-        width = len(tables[0])
-        packed = torch.tensor([[i, p, s, n, *t] for i, p, s, n, t in zip(ids, pos, slots, lens, tables)], dtype=torch.int64)
-        packed = packed.pin_memory().to(self.device, non_blocking=True)  # [B, 4 + width]
+        width = tables.shape[1]
+        self.staged.synchronize()  # the previous step's copy has left the buffer
+        host = self.staging[:B * (4 + width)].view(B, 4 + width)
+        rows = host.numpy()
+        rows[:, 0], rows[:, 1], rows[:, 2], rows[:, 3], rows[:, 4:] = ids, pos, slots, lens, tables
+        packed = self.staging_dev[:host.numel()].view_as(host)
+        packed.copy_(host, non_blocking=True)
+        self.staged.record()
         st["ids"][:B], st["pos"][:B], st["slots"][:B], st["lens"][:B] = packed[:, 0], packed[:, 1], packed[:, 2], packed[:, 3]
         st["tables"][:bucket] = self.scratch
         st["tables"][:B, :width] = packed[:, 4:]

@@ -6,13 +6,16 @@ import torch
 from kcache.config import SamplingParams
 
 
-def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]) -> list[int]:
-    """logits [B, V] float32 -> one token id per row."""
-    tokens = logits.argmax(-1).tolist()
+def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None],
+           riders: tuple[torch.Tensor, ...] = ()) -> tuple[list[int], list[list[float]]]:
+    """logits [B, V] float32 -> (one token id per row, riders as lists). The riders ([B] tensors on the logits'
+    device, e.g. step statistics) travel in the same device-to-host copy as the greedy tokens: one sync a step."""
+    fetched = torch.stack([logits.argmax(-1).double(), *(r.double() for r in riders)]).tolist()
+    tokens = [int(t) for t in fetched[0]]
     for i, p in enumerate(params):
         if not p.greedy:
             tokens[i] = _sample_row(logits[i], p, generators[i])
-    return tokens
+    return tokens, fetched[1:]
 
 
 def _sample_row(logits: torch.Tensor, p: SamplingParams, gen: torch.Generator | None) -> int:

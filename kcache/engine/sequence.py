@@ -5,6 +5,7 @@ import time
 from dataclasses import dataclass, field
 from enum import Enum, auto
 
+import numpy as np
 import torch
 
 from kcache.config import SamplingParams
@@ -16,6 +17,38 @@ class Status(Enum):
     FINISHED = auto()
 
 
+class BlockTable:
+    """A sequence's block ids in order. It only grows at the end (until released), and lives in a numpy array so
+    that a decode step copies each table instead of rebuilding it from Python ints (2048 per 32k sequence)."""
+
+    def __init__(self):
+        self._ids = np.zeros(64, dtype=np.int32)
+        self._n = 0
+
+    def __len__(self) -> int:
+        return self._n
+
+    def __getitem__(self, i: int) -> int:
+        return int(self.ids[i])
+
+    def __iter__(self):
+        return iter(self.ids.tolist())
+
+    @property
+    def ids(self) -> np.ndarray:
+        """[len] int32, a view: valid until the next extend."""
+        return self._ids[:self._n]
+
+    def extend(self, blocks) -> None:
+        new = np.fromiter(blocks, dtype=np.int32)
+        if self._n + len(new) > len(self._ids):
+            grown = np.zeros(max(2 * len(self._ids), self._n + len(new)), dtype=np.int32)
+            grown[:self._n] = self.ids
+            self._ids = grown
+        self._ids[self._n:self._n + len(new)] = new
+        self._n += len(new)
+
+
 @dataclass(eq=False)
 class Sequence:
     request_id: str
@@ -23,7 +56,7 @@ class Sequence:
     params: SamplingParams
     num_prompt: int = 0
     num_cached: int = 0  # tokens whose K and V are in the cache
-    block_table: list[int] = field(default_factory=list)
+    block_table: BlockTable = field(default_factory=BlockTable)
     status: Status = Status.WAITING
     finish_reason: str | None = None  # "stop", "length" or "abort"
     num_preemptions: int = 0
