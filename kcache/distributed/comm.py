@@ -15,6 +15,8 @@ def free_port() -> int:
 
 
 _threads_before: int | None = None
+# torch 2.13 renamed all_gather_into_tensor (same arguments); the GPU machines run 2.11
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
 def init(rank: int, world_size: int, port: int, device: torch.device) -> None:
@@ -28,13 +30,33 @@ def init(rank: int, world_size: int, port: int, device: torch.device) -> None:
     dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
 
 
+def uses_nccl() -> bool:
+    return dist.is_initialized() and dist.get_backend() == "nccl"
+
+
 def destroy() -> None:
+    """Leave the process group (rank 0: after the workers have exited).
+
+    NCCL's orderly teardown (destroy_process_group) deadlocked on 2 H100s under torch 2.11, with every rank in it;
+    so on GPUs the workers leave by exiting their process (`exit_worker`) and rank 0 aborts its communicators,
+    a local operation. Gloo tears down cleanly."""
     global _threads_before
-    if dist.is_initialized():
+    if uses_nccl():
+        torch.cuda.synchronize()
+        dist.distributed_c10d._abort_process_group()
+    elif dist.is_initialized():
         dist.destroy_process_group()
     if _threads_before is not None:
         torch.set_num_threads(_threads_before)
         _threads_before = None
+
+
+def exit_worker() -> None:
+    """End a worker process: under NCCL without teardown (see destroy), the process exit releases the GPU."""
+    if uses_nccl():
+        torch.cuda.synchronize()
+        os._exit(0)
+    destroy()
 
 
 def all_reduce(x: torch.Tensor) -> torch.Tensor:
@@ -44,13 +66,14 @@ def all_reduce(x: torch.Tensor) -> torch.Tensor:
 
 
 def gather_vocab(logits: torch.Tensor, vocab_size: int) -> torch.Tensor | None:
-    """Each rank's vocab slice [n, V/tp] -> the full logits [n, V] on rank 0 (None elsewhere)."""
+    """Each rank's vocab slice [n, V/tp] -> the full logits [n, V] on rank 0 (None elsewhere). An all-gather on the
+    group's one communicator: NCCL runs a gather as point-to-point sends, which open more communicators."""
+    n = logits.shape[0]
+    parts = logits.new_empty(dist.get_world_size() * n, logits.shape[1])  # the ranks' slices stacked along rows
+    _all_gather_single(parts, logits.contiguous())
     if dist.get_rank() != 0:
-        dist.gather(logits, dst=0)
         return None
-    parts = [torch.empty_like(logits) for _ in range(dist.get_world_size())]
-    dist.gather(logits, parts, dst=0)
-    return torch.cat(parts, dim=-1)[:, :vocab_size]
+    return torch.cat(parts.split(n), dim=-1)[:, :vocab_size]
 
 
 def min_over_ranks(value: int, device: torch.device) -> int:

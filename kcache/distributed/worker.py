@@ -24,12 +24,15 @@ class Workers:
             self.conns.append(send)
             self.procs.append(proc)
 
-    def stop(self, timeout: float = 30.0) -> None:
+    def send_stop(self) -> None:
+        """Tell every worker to leave its step loop and the process group."""
         for conn in self.conns:
             try:
                 conn.send(None)
             except OSError:  # that worker is gone already
                 pass
+
+    def join(self, timeout: float = 30.0) -> None:
         for proc in self.procs:
             proc.join(timeout)
             if proc.is_alive():
@@ -51,4 +54,4 @@ def _main(cfg: EngineConfig, rank: int, port: int, conn) -> None:
     while (step := conn.recv()) is not None:
         runner.execute(*step)
     runner.cache.close()
-    comm.destroy()
+    comm.exit_worker()

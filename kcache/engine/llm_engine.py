@@ -254,7 +254,8 @@ class LLMEngine:
 
     def _stop_workers(self) -> None:
         if self.workers is not None:
-            self.workers.stop()
+            self.workers.send_stop()
+            self.workers.join()
             self.workers = None
             comm.destroy()
 
