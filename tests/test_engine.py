@@ -9,6 +9,7 @@ import torch
 from kcache import LLMEngine, RequestError, SamplingParams
 from kcache.cache.kv import FullKV, KCache
 from kcache.config import EngineConfig, KCacheConfig
+from kcache.engine.sequence import Sequence
 from kcache.models import loader
 
 from conftest import save_tiny
@@ -174,3 +175,20 @@ def test_seeded_sampling_is_reproducible(llama):
     assert a.token_ids == b.token_ids
     c = run_all(engine, [[4, 5, 6]], p.model_copy(update={"seed": 7}))[0]
     assert c.token_ids != a.token_ids
+
+
+def test_block_tables_grow_and_map_positions_to_slots(llama):
+    """Tables longer than their first allocation (64 blocks) keep every id, and positions map through them."""
+    engine = make_engine(llama, pool_tokens=8192)
+    seq = Sequence("s", list(range(1500)), GREEDY)
+    shuffled = random.Random(0).sample(range(engine.blocks.num_blocks), 100)
+    seq.block_table.extend(shuffled[:40])
+    seq.block_table.extend(iter(shuffled[40:]))
+    assert len(seq.block_table) == 100 and list(seq.block_table) == shuffled and seq.block_table[99] == shuffled[99]
+    bs = engine.cfg.block_size
+    want = [shuffled[p // bs] * bs + p % bs for p in range(1000, 1500)]
+    assert engine.runner._slots(seq, 1000, 1500).tolist() == want
+    short = Sequence("t", [1, 2], GREEDY)
+    short.block_table.extend([5])
+    tables = engine.runner._block_tables([seq, short])
+    assert tables.shape == (2, 100) and tables[0].tolist() == shuffled and tables[1].tolist() == [5] + [0] * 99
