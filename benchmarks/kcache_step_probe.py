@@ -1,11 +1,12 @@
-"""Where KCache's decode attention time goes, over all 32 layers of Llama-3.1-8B shapes, and how many programs the
-host V gather should run.
+"""Where KCache's decode attention time goes, over all 32 layers of Llama-3.1-8B shapes.
 
 One registered host V pool and one device K pool, laid out as the engine lays them out (`[layers, blocks, 16,
 8, 128]`, bf16). Block tables are either contiguous per sequence (what the engine's free list hands out to
 sequences admitted together) or a random permutation (a long-running, fragmented pool). Prints ms per step for
-the K scan alone, scan + top-N selection, the whole op for several gather program counts, and FullKV at the
-batch that fits on the device beside its V.
+the K scan alone, scan + top-N selection, the whole op, and FullKV at the batch that fits on the device beside
+its V. (results/kcache_step_probe_h100.json also holds a sweep of the gather's program count, measured at
+commit a118d4c with a persistent gather kernel: it made no difference, and the kernel went back to one program
+per selection.)
 
     python benchmarks/kcache_step_probe.py [BATCH CONTEXT TOP_N]     # default 25 32768 64; JSON to $OUT
 """
@@ -23,7 +24,6 @@ from kcache.cache.kv import host_empty
 from kcache.config import KCacheConfig
 
 LAYERS, HQ, HKV, D, BS = 32, 32, 8, 128, 16
-PROGRAM_COUNTS = (0, 1056, 528, 264, 132, 66)  # 0: one program per selection
 
 
 def per_step_ms(fn) -> float:
@@ -52,14 +52,12 @@ def kcache_rows(batch: int, context: int, top_n: int) -> list[dict]:
         tables = tables_for(batch, nb // batch, layout, dev)
         scan = per_step_ms(lambda: [td._scores(q, k[l], tables, lens, scale) for l in range(LAYERS)])
         select = per_step_ms(lambda: [td._select(*td._scores(q, k[l], tables, lens, scale), lens, cfg) for l in range(LAYERS)])
-        for programs in PROGRAM_COUNTS:
-            td.GATHER_PROGRAMS = programs
-            total = per_step_ms(lambda: [td.kcache_decode(q, k[l], v[l], tables, lens, cfg) for l in range(LAYERS)])
-            gather = total - select
-            rows.append({"layout": layout, "batch": batch, "context": context, "top_n": top_n, "programs": programs,
-                         "scan_ms": scan, "select_ms": select - scan, "gather_ms": gather, "total_ms": total,
-                         "gather_GBps": v_bytes / gather / 1e6 if gather > 0 else None})
-            print(json.dumps(rows[-1]), flush=True)
+        total = per_step_ms(lambda: [td.kcache_decode(q, k[l], v[l], tables, lens, cfg) for l in range(LAYERS)])
+        gather = total - select
+        rows.append({"layout": layout, "batch": batch, "context": context, "top_n": top_n, "scan_ms": scan,
+                     "select_ms": select - scan, "gather_ms": gather, "total_ms": total,
+                     "gather_GBps": v_bytes / gather / 1e6 if gather > 0 else None})
+        print(json.dumps(rows[-1]), flush=True)
     del k
     torch.cuda.cudart().cudaHostUnregister(v.data_ptr())
     return rows

@@ -29,7 +29,6 @@ BLOCK_L = 1024  # positions ranked per program (each keeps its local top NP)
 RANK_WARPS = 8  # warps of a rank program: its bitonic top-k trades shuffles against shared-memory rounds
 MERGE_KEYS = 4096  # keys per merge program (its register tile)
 GATHER_ROWS = 128  # V rows loaded per gather step (all in flight together)
-GATHER_PROGRAMS = 0  # programs of the gather (0: one per selection)
 MAX_SPLITS = 64  # bounds the reduce's register tile [splits, head_dim]
 PROGRAMS_PER_SM = 4  # split until batch * kv_heads * splits reaches this many programs per SM
 
@@ -215,45 +214,42 @@ def _merge_top_kernel(cand, out, C, NP: tl.constexpr, FAN: tl.constexpr):
 
 @triton.jit
 def _gather_kernel(
-    keys, logits, m_in, l_in, v_cache, block_tables, lengths, out, mass, max_blocks, S, L, n, B, NSEL,
+    keys, logits, m_in, l_in, v_cache, block_tables, lengths, out, mass, max_blocks, S, L, n,
     HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BS: tl.constexpr, BG: tl.constexpr,
     SP: tl.constexpr, NP: tl.constexpr, CHUNK: tl.constexpr, GROUP: tl.constexpr, RENORM: tl.constexpr,
 ):
     """Weighted sum of one selection's V rows, read in place from the (host) pool.
 
     group: selection sel = 0 serves all G heads of the KV head; head: selection sel serves query head sel.
-    keys [B, Hkv, NSEL = 1|G, NP] hold the selected positions in their low 32 bits (-1: none). CHUNK rows are
-    loaded as one tile, so that all of a chunk's PCIe reads are in flight at once. A fixed number of programs
-    walks the selections in sequence order, so that the host pages read at any moment belong to a few
-    sequences: the GPU's translation of host addresses stays cached (see benchmarks/README.md).
+    keys [B, Hkv, 1|G, NP] hold the selected positions in their low 32 bits (-1: none). CHUNK rows are loaded
+    as one tile, so that all of a chunk's PCIe reads are in flight at once.
     """
+    b, h, sel = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    bh = b * HKV + h
+    top, z = _merge_stats(m_in, l_in, bh, S, G, BG, SP)
+    length = tl.load(lengths + b)
     g = tl.arange(0, BG)
     d = tl.arange(0, D)
-    for item in range(tl.program_id(0), B * HKV * NSEL, tl.num_programs(0)):  # sequence-major order
-        b, h, sel = item // (HKV * NSEL), item // NSEL % HKV, item % NSEL
-        bh = b * HKV + h
-        top, z = _merge_stats(m_in, l_in, bh, S, G, BG, SP)
-        length = tl.load(lengths + b)
-        mine = (g < G) if GROUP else (g == sel)  # [BG] query heads served here
-        acc = tl.zeros([BG, D], tl.float32)
-        kept = tl.zeros([BG], tl.float32)
-        for c in range(0, n, CHUNK):
-            j = c + tl.arange(0, CHUNK)
-            key = tl.load(keys + (bh * NSEL + sel) * NP + j, mask=j < n, other=-1)
-            pos = key.to(tl.int32)  # truncation keeps the low 32 bits; -1 stays -1
-            valid = (j < n) & (pos >= 0) & (pos < length)
-            x = tl.load(logits + (bh * G + g[:, None]) * L + pos[None, :], mask=mine[:, None] & valid[None, :],
-                        other=float("-inf"))
-            w = tl.exp(x - top[:, None]) / z[:, None]  # [BG, CHUNK] exact softmax weights of the kept tokens
-            rows = _kv_rows(block_tables + b * max_blocks, pos, valid, BS, HKV, h)
-            v = tl.load(v_cache + rows[:, None] * D + d[None, :], mask=valid[:, None], other=0.0)  # [CHUNK, D]
-            acc += tl.dot(w, v.to(tl.float32), input_precision="ieee")  # float32 like the reference
-            kept += tl.sum(w, 1)
-        if RENORM:
-            acc = acc / tl.where(kept > 0, kept, 1.0)[:, None]
-        head = bh * G + g
-        tl.store(out + head[:, None] * D + d[None, :], acc.to(out.dtype.element_ty), mask=mine[:, None])
-        tl.store(mass + head, kept, mask=mine)
+    mine = (g < G) if GROUP else (g == sel)  # [BG] query heads served here
+    acc = tl.zeros([BG, D], tl.float32)
+    kept = tl.zeros([BG], tl.float32)
+    for c in range(0, n, CHUNK):
+        j = c + tl.arange(0, CHUNK)
+        key = tl.load(keys + (bh * tl.num_programs(2) + sel) * NP + j, mask=j < n, other=-1)
+        pos = key.to(tl.int32)  # truncation keeps the low 32 bits; -1 stays -1
+        valid = (j < n) & (pos >= 0) & (pos < length)
+        x = tl.load(logits + (bh * G + g[:, None]) * L + pos[None, :], mask=mine[:, None] & valid[None, :],
+                    other=float("-inf"))
+        w = tl.exp(x - top[:, None]) / z[:, None]  # [BG, CHUNK] exact softmax weights of the kept tokens
+        rows = _kv_rows(block_tables + b * max_blocks, pos, valid, BS, HKV, h)
+        v = tl.load(v_cache + rows[:, None] * D + d[None, :], mask=valid[:, None], other=0.0)  # [CHUNK, D]
+        acc += tl.dot(w, v.to(tl.float32), input_precision="ieee")  # float32 like the reference
+        kept += tl.sum(w, 1)
+    if RENORM:
+        acc = acc / tl.where(kept > 0, kept, 1.0)[:, None]
+    head = bh * G + g
+    tl.store(out + head[:, None] * D + d[None, :], acc.to(out.dtype.element_ty), mask=mine[:, None])
+    tl.store(mass + head, kept, mask=mine)
 
 
 def _shapes(q: torch.Tensor, k_cache: torch.Tensor, block_tables: torch.Tensor):
@@ -325,10 +321,9 @@ def _gather(keys, logits, m, l, v_cache, block_tables, lengths, cfg: KCacheConfi
     D, bs = v_cache.shape[-1], v_cache.shape[1]
     out = torch.empty(B, Hkv * G, D, dtype=out_dtype, device=logits.device)
     mass = torch.empty(B, Hkv * G, dtype=torch.float32, device=logits.device)
-    programs = min(B * Hkv * nsel, GATHER_PROGRAMS or B * Hkv * nsel)
-    _gather_kernel[(programs,)](
+    _gather_kernel[(B, Hkv, nsel)](
         keys, logits, m, l, v_cache, block_tables, lengths, out, mass, block_tables.shape[1], m.shape[-1], L,
-        cfg.budget, B, nsel, HKV=Hkv, G=G, D=D, BS=bs, BG=_pad_rows(G), SP=triton.next_power_of_2(m.shape[-1]), NP=NP,
+        cfg.budget, HKV=Hkv, G=G, D=D, BS=bs, BG=_pad_rows(G), SP=triton.next_power_of_2(m.shape[-1]), NP=NP,
         CHUNK=min(NP, GATHER_ROWS), GROUP=cfg.selection == "group", RENORM=cfg.renormalize, num_warps=4,
     )
     return out, mass
