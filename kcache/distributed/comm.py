@@ -43,7 +43,7 @@ def destroy() -> None:
     global _threads_before
     if uses_nccl():
         torch.cuda.synchronize()
-        dist.distributed_c10d._abort_process_group()
+        getattr(dist.distributed_c10d, "_abort_process_group", dist.destroy_process_group)()  # private: torch >= 2.5
     elif dist.is_initialized():
         dist.destroy_process_group()
     if _threads_before is not None:
