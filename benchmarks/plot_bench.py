@@ -1,4 +1,5 @@
-"""Plot `kcache bench --compare` results: decode tokens/s and the largest batch against prompt length.
+"""Plot `kcache bench` results: decode tokens/s and the largest batch against prompt length, one line per mode
+(FullKV, KCache at each N found).
 
 Usage: python benchmarks/plot_bench.py benchmarks/results/bench_h100_*.json -o benchmarks/results/bench_h100.png
 """
@@ -13,26 +14,35 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 
-def load(paths):
-    runs = sorted((json.load(open(p)) for p in paths), key=lambda d: d["args"]["input_len"])
-    return runs, runs[0]["machine"].get("card", "CPU")
+def series(runs: list[dict], metric: str) -> dict[str, dict[int, float]]:
+    """{FullKV | KCache N=<n>: {prompt tokens: value}} over every mode of every run (first value wins)."""
+    out: dict[str, dict[int, float]] = {}
+    for run in runs:
+        for mode, res in run["results"].items():
+            label = "FullKV" if mode == "full" else f"KCache N={res['kcache']['top_n']}"
+            out.setdefault(label, {}).setdefault(run["args"]["input_len"], res[metric])
+    return dict(sorted(out.items(), key=lambda kv: (kv[0] != "FullKV", len(kv[0]), kv[0])))
 
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("results", nargs="+")
+    p.add_argument("results", nargs="+", help="bench JSON files (--compare runs, or single-mode runs at other N)")
     p.add_argument("-o", "--output", required=True)
     args = p.parse_args()
-    runs, card = load(args.results)
-    lengths = [r["args"]["input_len"] for r in runs]
+    runs = [json.load(open(path)) for path in args.results]
+    card = runs[0]["machine"].get("card", "CPU")
+    # steady state where the results have it; older runs averaged every decode step
+    steady = all("full_batch_decode_tokens_per_s" in res for r in runs for res in r["results"].values())
+    metric = "full_batch_decode_tokens_per_s" if steady else "decode_tokens_per_s"
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for mode, style in (("full", "o-"), ("kcache", "s-")):
-        label = "FullKV" if mode == "full" else f"KCache N={runs[0]['results']['kcache']['kcache']['top_n']}"
-        axes[0].plot(lengths, [r["results"][mode]["decode_tokens_per_s"] for r in runs], style, label=label)
-        axes[1].plot(lengths, [r["results"][mode]["max_concurrent_seqs"] for r in runs], style, label=label)
-    for ax, title in zip(axes, ("steady-state decode tokens/s", "largest concurrent batch")):
+    for ax, key, title in ((axes[0], metric, "decode tokens/s " + ("(steady state)" if steady else "(all decode steps)")),
+                           (axes[1], "max_concurrent_seqs", "largest concurrent batch")):
+        for (label, points), marker in zip(series(runs, key).items(), "osD^v"):
+            lengths = sorted(points)
+            ax.plot(lengths, [points[n] for n in lengths], marker + "-", label=label)
         ax.set_xscale("log", base=2)
-        ax.set_xticks(lengths, [f"{n // 1024}k" for n in lengths])
+        every = sorted({r["args"]["input_len"] for r in runs})
+        ax.set_xticks(every, [f"{n // 1024}k" for n in every])
         ax.set_xlabel("prompt tokens")
         ax.set_title(title)
         ax.grid(alpha=0.3)
