@@ -16,6 +16,8 @@ def test_compare_writes_json_and_kcache_admits_more(tiny_chat_model, tmp_path, c
     assert rc == 0
     printed = capsys.readouterr().out
     assert "kcache/full" in printed and "decode_tokens_per_s" in printed
+    table = [line for line in printed.splitlines() if line.startswith(("metric ", "full_batch_decode_tokens_per_s "))]
+    assert len(table) == 2 and len({len(line) for line in table}) == 1  # the longest name still leaves the columns aligned
     data = json.loads(out.read_text())
     assert set(data["results"]) == {"kcache", "full"}
     for mode in data["results"].values():

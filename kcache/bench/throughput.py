@@ -139,10 +139,11 @@ def print_table(results: dict[str, dict], ratio: dict | None) -> None:
             "mean_tpot_s", "p50_tpot_s", "p99_tpot_s", "max_concurrent_seqs", "preemptions", "pool_tokens",
             "device_pool_bytes", "host_pool_bytes", "mass_kept_mean"]
     modes = list(results)
-    header = f"{'metric':<22}" + "".join(f"{m:>16}" for m in modes) + (f"{'kcache/full':>14}" if ratio else "")
+    width = max(map(len, rows)) + 2
+    header = f"{'metric':<{width}}" + "".join(f"{m:>16}" for m in modes) + (f"{'kcache/full':>14}" if ratio else "")
     print(header)
     for key in rows:
-        line = f"{key:<22}" + "".join(f"{_fmt(results[m][key]):>16}" for m in modes)
+        line = f"{key:<{width}}" + "".join(f"{_fmt(results[m][key]):>16}" for m in modes)
         if ratio:
             line += f"{_fmt(ratio.get(key)) if key in ratio else '':>14}"
         print(line)
