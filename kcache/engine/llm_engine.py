@@ -141,14 +141,14 @@ class LLMEngine:
         if not chunks:
             return []
         t0 = time.perf_counter()
-        mass = ()
+        mass_on_device = ()
         if is_prefill:
             logits = self.runner.prefill(chunks)
             ready = [(i, s) for i, (s, n) in enumerate(chunks) if self.scheduler.prefilled(s, n)]
         else:
             seqs = [s for s, _ in chunks]
             logits = self.runner.decode(seqs)
-            mass = self._mass_summary(len(seqs))
+            mass_on_device = self._mass_summary(len(seqs))
             for s in seqs:
                 s.num_cached = s.num_tokens
             ready = list(enumerate(seqs))
@@ -157,7 +157,7 @@ class LLMEngine:
             seqs = [s for _, s in ready]
             if len(ready) < logits.shape[0]:  # some prefill chunks did not finish their prompt
                 logits = logits[torch.tensor([i for i, _ in ready], device=logits.device)]
-            tokens, mass = sample(logits, [s.params for s in seqs], [s.generator for s in seqs], mass)
+            tokens, mass = sample(logits, [s.params for s in seqs], [s.generator for s in seqs], mass_on_device)
             if not is_prefill:
                 self._record_decode_stats(seqs, mass)
             now = time.perf_counter()

@@ -95,11 +95,10 @@ class ModelRunner:
 
     def decode(self, seqs: list[Sequence]) -> torch.Tensor:
         """One token per sequence (its last, not yet cached); logits [B, V]."""
-        return self.run("decode", dict(
-            ids=[s.token_ids[-1] for s in seqs], pos=[s.num_tokens - 1 for s in seqs],
-            slots=[int(self._slots(s, s.num_tokens - 1, s.num_tokens)[0]) for s in seqs],
-            tables=self._block_tables(seqs), lens=[s.num_tokens for s in seqs],
-        ))
+        tables = self._block_tables(seqs)
+        pos = np.array([s.num_tokens - 1 for s in seqs])
+        slots = tables[np.arange(len(seqs)), pos // self.block_size].astype(np.int64) * self.block_size + pos % self.block_size
+        return self.run("decode", dict(ids=[s.token_ids[-1] for s in seqs], pos=pos, slots=slots, tables=tables, lens=pos + 1))
 
     def _decode(self, ids, pos, slots, tables, lens):
         if self.graphs and len(ids) <= max(self.graphs):
