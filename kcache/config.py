@@ -30,6 +30,10 @@ class KCacheConfig(_Frozen):
     dense_layers: int = Field(0, ge=0, description="the first L layers keep a full KV cache on the device")
     sink_tokens: int = Field(0, ge=0, description="first tokens always selected, on top of top_n")
     recent_tokens: int = Field(0, ge=0, description="last tokens always selected, on top of top_n")
+    recent_steps: int = Field(
+        3, ge=0, description="GPU: keep on the device the V rows each sequence's last R steps selected, and read "
+        "rows selected again from there instead of host memory (0: always read the host)",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> "KCacheConfig":
@@ -41,6 +45,11 @@ class KCacheConfig(_Frozen):
     def budget(self) -> int:
         """V rows read per head (or group) per step, at most."""
         return self.top_n + self.sink_tokens + self.recent_tokens
+
+    @property
+    def selection_width(self) -> int:
+        """The budget rounded up to a power of two, at least 16: the width of a selection in the kernels."""
+        return max(16, 1 << (self.budget - 1).bit_length())
 
 
 class SamplingParams(_Frozen):

@@ -161,3 +161,81 @@ def test_store_rows_writes_the_host_pool():
     td.store_rows(pool, rows.cuda(), slots.cuda())
     torch.cuda.synchronize()
     assert torch.equal(pool, want)
+
+
+def _rings(cfg, slots, nsel):
+    """Empty recent-V rings (one layer) for `slots` sequences: (ring, tags)."""
+    shape = (slots, HKV, nsel, (cfg.recent_steps + 1) * cfg.selection_width, D)
+    return torch.empty(shape, dtype=torch.bfloat16, device="cuda"), torch.full(shape[:-1], -1, dtype=torch.int32, device="cuda")
+
+
+@pytest.mark.parametrize("selection", ["group", "head"])
+def test_recent_rings_change_nothing_but_where_rows_are_read(selection):
+    """Two steps of three sequences (one without a ring): bit-for-bit the output of the ring-free kernel, and each
+    ring's newest segment holds exactly the positions and V rows the step selected."""
+    cfg = KCacheConfig(top_n=64, selection=selection, sink_tokens=2, recent_steps=3)
+    q, k, v, tables, lens = _case([1500, 700, 90], torch.bfloat16)
+    nsel = 1 if selection == "group" else G
+    ring, tags = _rings(cfg, 5, nsel)
+    slots = torch.tensor([3, -1, 0], dtype=torch.int32, device="cuda")
+    for step_lens in (lens - 1, lens):  # the second step's segment differs: it can read what the first wrote
+        _poison()
+        out, mass = td.kcache_decode(q, k, v, tables, step_lens, cfg, recent=(ring, tags, slots))
+        want, want_mass = td.kcache_decode(q, k, v, tables, step_lens, cfg)
+        assert torch.equal(out, want) and torch.equal(mass, want_mass)
+    NP = cfg.selection_width
+    for b, slot in ((0, 3), (2, 0)):
+        seg = int(lens[b]) % (cfg.recent_steps + 1)
+        newest = tags[slot, :, :, seg * NP:(seg + 1) * NP]  # [HKV, nsel, NP]
+        assert int((newest >= 0).sum()) == HKV * nsel * min(cfg.budget, int(lens[b]))
+        pos = newest.clamp(min=0).long()
+        rows = (tables[b].long()[pos // BS] * BS + pos % BS) * HKV + torch.arange(HKV, device="cuda")[:, None, None]
+        got = ring[slot, :, :, seg * NP:(seg + 1) * NP][newest >= 0]
+        assert torch.equal(got.cpu(), v.view(-1, D)[rows[newest >= 0].cpu()])
+
+
+def test_recent_rings_serve_rows_selected_before_from_the_device():
+    """After a step, every host V row changes; the next step must take the rows it selected before from the rings
+    (the old values) and the others from the host, except for the sequence without a ring."""
+    cfg = KCacheConfig(top_n=64, recent_steps=1)
+    q, k, v, tables, lens = _case([1500, 700], torch.bfloat16)
+    ring, tags = _rings(cfg, 2, 1)
+    slots = torch.tensor([1, -1], dtype=torch.int32, device="cuda")
+    td.kcache_decode(q, k, v, tables, lens - 1, cfg, recent=(ring, tags, slots))
+    torch.cuda.synchronize()
+    mixed = v.clone()
+    v += 1.0  # a host write after the first step
+    NP = cfg.selection_width
+    seg = int(lens[0] - 1) % 2
+    pos = tags[1, :, 0, seg * NP:(seg + 1) * NP]  # [HKV, NP]: what sequence 0 selected
+    rows = (tables[0].long()[pos.clamp(min=0) // BS] * BS + pos.clamp(min=0) % BS) * HKV + torch.arange(HKV, device="cuda")[:, None]
+    old = mixed.view(-1, D)[rows[pos >= 0].cpu()].clone()
+    mixed.copy_(v)
+    mixed.view(-1, D)[rows[pos >= 0].cpu()] = old  # what the step should read: the rings' rows, else the host's
+    out, _ = td.kcache_decode(q, k, v, tables, lens, cfg, recent=(ring, tags, slots))
+    want, _ = td.kcache_decode(q, k, mixed.pin_memory(), tables, lens, cfg)
+    assert torch.equal(out, want)
+    assert (out[0] - td.kcache_decode(q, k, v, tables, lens, cfg)[0][0]).float().abs().max() > 0.1  # rings were read
+
+
+def test_engine_decodes_the_same_with_and_without_recent_rings():
+    """SmolLM2 on the GPU with CUDA graphs, a pool tight enough to preempt and rings for only some sequences:
+    the rings change where V rows are read, never the tokens."""
+    import random
+
+    from kcache import LLM
+    from kcache.config import SamplingParams
+
+    rng = random.Random(0)
+    prompts = [[rng.randrange(100, 40000) for _ in range(rng.randint(300, 900))] for _ in range(6)]
+    tokens, preempted = {}, {}
+    for steps in (0, 3):
+        llm = LLM("smollm2", cache=KCacheConfig(top_n=16, recent_steps=steps), device="cuda", dtype="bfloat16",
+                  max_model_len=1024, device_cache_bytes=3000 * 30 * 3 * 64 * 2, max_num_seqs=8)
+        assert llm.engine.runner.cache.recent_slots == (0 if steps == 0 else 2)  # 1/16 of the pool: 2 rings
+        outs = llm.generate(prompts, SamplingParams(max_tokens=48, ignore_eos=True), use_tqdm=False)
+        tokens[steps] = [o.token_ids for o in outs]
+        preempted[steps] = sum(o.metrics["preemptions"] for o in outs)
+        llm.engine.close()
+    assert preempted[3] > 0
+    assert tokens[3] == tokens[0]

@@ -116,7 +116,15 @@ def summarize(engine, finished, elapsed: float) -> dict:
         "host_pool_bytes": mem["host_pool_bytes"],
         "device_peak_bytes": torch.cuda.max_memory_allocated() if engine.device.type == "cuda" else None,
         "mass_kept_mean": sum(o.metrics["mass_kept_mean"] for o in finished) / len(finished),
+        "v_share_from_rings": _ring_share(finished),
     }
+
+
+def _ring_share(finished) -> float | None:
+    """Share of the selected V bytes that the recent-V rings served from the device (None: nothing selected)."""
+    ring = sum(o.metrics.get("v_bytes_from_rings", 0) for o in finished)
+    total = ring + sum(o.metrics.get("v_bytes_read", 0) for o in finished)
+    return ring / total if total else None
 
 
 def _tokens_per_s(steps) -> float:

@@ -141,14 +141,14 @@ class LLMEngine:
         if not chunks:
             return []
         t0 = time.perf_counter()
-        mass_on_device = ()
+        stats_on_device = ()
         if is_prefill:
             logits = self.runner.prefill(chunks)
             ready = [(i, s) for i, (s, n) in enumerate(chunks) if self.scheduler.prefilled(s, n)]
         else:
             seqs = [s for s, _ in chunks]
             logits = self.runner.decode(seqs)
-            mass_on_device = self._mass_summary(len(seqs))
+            stats_on_device = self._decode_summary(len(seqs))
             for s in seqs:
                 s.num_cached = s.num_tokens
             ready = list(enumerate(seqs))
@@ -157,9 +157,9 @@ class LLMEngine:
             seqs = [s for _, s in ready]
             if len(ready) < logits.shape[0]:  # some prefill chunks did not finish their prompt
                 logits = logits[torch.tensor([i for i, _ in ready], device=logits.device)]
-            tokens, mass = sample(logits, [s.params for s in seqs], [s.generator for s in seqs], mass_on_device)
+            tokens, stats = sample(logits, [s.params for s in seqs], [s.generator for s in seqs], stats_on_device)
             if not is_prefill:
-                self._record_decode_stats(seqs, mass)
+                self._record_decode_stats(seqs, stats)
             now = time.perf_counter()
             for seq, tok in zip(seqs, tokens):
                 outputs.append(self._append(seq, tok, now))
@@ -186,24 +186,28 @@ class LLMEngine:
             return "length"
         return None
 
-    def _mass_summary(self, batch: int) -> tuple[torch.Tensor, ...]:
+    def _decode_summary(self, batch: int) -> tuple[torch.Tensor, ...]:
         """Per sequence, the sum and minimum of this step's mass kept over approximate layers and heads (rank 0's
-        heads under TP), still on the device: they come back with the sampled tokens."""
+        heads under TP), and the V rows read from recent-V rings if there are any, still on the device: they come
+        back with the sampled tokens."""
         if not isinstance(self.cache, KCache) or self.cache.exact_layers >= self.model_config.num_layers:
             return ()
         m = self.cache.mass[self.cache.exact_layers:, :batch]  # [L', B, H]
-        return m.sum((0, 2)), m.amin((0, 2))
+        rings = (self.cache.recent_hits[:, :batch].sum(0),) if self.cache.recent_slots else ()
+        return m.sum((0, 2)), m.amin((0, 2)), *rings
 
-    def _record_decode_stats(self, seqs: list[Sequence], mass: list[list[float]]) -> None:
+    def _record_decode_stats(self, seqs: list[Sequence], stats: list[list[float]]) -> None:
         if not isinstance(self.cache, KCache):
             return
-        row_bytes = self.model_config.head_dim * self.cache.v_host.element_size()
-        for s in seqs:  # every rank reads as many rows for its own KV heads
-            s.v_bytes_read += self.cache.v_rows_read(s.num_tokens) * row_bytes * self.tp
-        if not mass:
+        row_bytes = self.model_config.head_dim * self.cache.v_host.element_size() * self.tp  # every rank alike
+        from_rings = stats[2] if len(stats) > 2 else [0] * len(seqs)
+        for s, ring_rows in zip(seqs, from_rings):
+            s.v_bytes_read += (self.cache.v_rows_read(s.num_tokens) - int(ring_rows)) * row_bytes
+            s.v_bytes_from_rings += int(ring_rows) * row_bytes
+        if not stats:
             return
         per_seq = (self.model_config.num_layers - self.cache.exact_layers) * self.cache.mass.shape[2]
-        for s, total, low in zip(seqs, *mass):
+        for s, total, low in zip(seqs, stats[0], stats[1]):
             s.mass_kept_sum += total
             s.mass_kept_count += per_seq
             s.mass_kept_min = min(s.mass_kept_min, low)
@@ -245,6 +249,7 @@ class LLMEngine:
             "mass_kept_mean": seq.mass_kept_sum / seq.mass_kept_count if seq.mass_kept_count else 1.0,
             "mass_kept_min": seq.mass_kept_min,
             "v_bytes_read": seq.v_bytes_read,
+            "v_bytes_from_rings": seq.v_bytes_from_rings,
         }
 
     def close(self) -> None:

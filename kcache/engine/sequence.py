@@ -65,7 +65,8 @@ class Sequence:
     mass_kept_sum: float = 0.0
     mass_kept_count: int = 0
     mass_kept_min: float = 1.0
-    v_bytes_read: int = 0
+    v_bytes_read: int = 0  # V bytes the top-N gather read from host memory
+    v_bytes_from_rings: int = 0  # selected V bytes read from the recent-V rings on the device instead
     generator: torch.Generator | None = None  # per-request seed
 
     def __post_init__(self):
