@@ -1,6 +1,7 @@
 """The process group: NCCL between GPUs, gloo on CPU; rendezvous on 127.0.0.1."""
 from __future__ import annotations
 
+import ctypes
 import os
 import socket
 
@@ -37,18 +38,39 @@ def uses_nccl() -> bool:
 def destroy() -> None:
     """Leave the process group (rank 0: after the workers have exited).
 
-    NCCL's orderly teardown (destroy_process_group) deadlocked on 2 H100s under torch 2.11, with every rank in it;
-    so on GPUs the workers leave by exiting their process (`exit_worker`) and rank 0 aborts its communicators,
-    a local operation. Gloo tears down cleanly."""
+    NCCL's teardown deadlocked on the lent 2-GPU machines under torch 2.11: destroy_process_group with every rank
+    in it (H100), and rank 0's local abort after the workers had exited (H200). So on GPUs the workers leave by
+    exiting their process (`exit_worker`), and rank 0 retires its group without calling into NCCL (`_retire`).
+    Gloo tears down cleanly."""
     global _threads_before
     if uses_nccl():
         torch.cuda.synchronize()
-        getattr(dist.distributed_c10d, "_abort_process_group", dist.destroy_process_group)()  # private: torch >= 2.5
+        _retire(dist.distributed_c10d._get_default_group())
     elif dist.is_initialized():
         dist.destroy_process_group()
     if _threads_before is not None:
         torch.set_num_threads(_threads_before)
         _threads_before = None
+
+
+_retired: list = []
+
+
+def _retire(group) -> None:
+    """Forget the default group, as destroy_process_group's bookkeeping does, so that a later engine can start a
+    new one; but keep the group object alive for the life of the process (one extra reference that nothing drops,
+    not even interpreter exit), because its destructor would run the teardown that deadlocks. Its communicator's
+    device buffers stay allocated until the process exits. Uses torch.distributed internals (torch 2.5 to 2.13)."""
+    c10d = dist.distributed_c10d
+    _retired.append(group)
+    ctypes.pythonapi.Py_IncRef(ctypes.py_object(group))
+    world = c10d._world
+    c10d._update_default_pg(None)
+    for table in (world.pg_map, world.pg_names, world.pg_group_ranks, world.pg_backend_config, world.pg_to_tag,
+                  world.tags_to_pg, world.pg_coalesce_state):
+        table.clear()
+    c10d._unregister_all_process_groups()
+    world.group_count = 0
 
 
 def exit_worker() -> None:
