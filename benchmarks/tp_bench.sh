@@ -8,7 +8,7 @@ LEN=${1:-8192}
 PROMPTS=${2:-64}
 CARD=$(python3 -c "import torch; print(torch.cuda.get_device_name().split()[1].lower())")
 COMMON=(--model llama-3.1-8b --load-format dummy --dtype bfloat16 --top-n 64 --max-num-batched-tokens 32768
-        --max-num-seqs 128 --device-cache-gb 16 --compare --input-len "$LEN"
+        --max-num-seqs 32 --device-cache-gb 16 --compare --input-len "$LEN"
         --output-len "${OUTPUT_LEN:-64}" --num-prompts "$PROMPTS")
 mkdir -p "$OUT_DIR"
 for tp in 1 2; do

@@ -169,6 +169,13 @@ def _rings(cfg, slots, nsel):
     return torch.empty(shape, dtype=torch.bfloat16, device="cuda"), torch.full(shape[:-1], -1, dtype=torch.int32, device="cuda")
 
 
+def _segment(tags, slot, length, cfg):
+    """Positions [HKV, 1|G, NP] that the step at `length` wrote into a ring's tags (-1: none)."""
+    NP = cfg.selection_width
+    seg = length % (cfg.recent_steps + 1)
+    return tags[slot, :, :, seg * NP:(seg + 1) * NP]
+
+
 @pytest.mark.parametrize("selection", ["group", "head"])
 def test_recent_rings_change_nothing_but_where_rows_are_read(selection):
     """Two steps of three sequences (one without a ring): bit-for-bit the output of the ring-free kernel, and each
@@ -180,16 +187,19 @@ def test_recent_rings_change_nothing_but_where_rows_are_read(selection):
     slots = torch.tensor([3, -1, 0], dtype=torch.int32, device="cuda")
     for step_lens in (lens - 1, lens):  # the second step's segment differs: it can read what the first wrote
         _poison()
-        out, mass = td.kcache_decode(q, k, v, tables, step_lens, cfg, recent=(ring, tags, slots))
+        hits = torch.zeros(3, dtype=torch.int32, device="cuda")
+        out, mass = td.kcache_decode(q, k, v, tables, step_lens, cfg, recent=(ring, tags, slots, hits))
         want, want_mass = td.kcache_decode(q, k, v, tables, step_lens, cfg)
-        assert torch.equal(out, want) and torch.equal(mass, want_mass)
+        assert torch.equal(out, want)
+        assert torch.allclose(mass, want_mass, rtol=1e-6, atol=0)  # the same sums, maybe added in another order
+    assert hits[0] > 0 and hits[1] == 0 and hits[2] > 0
     NP = cfg.selection_width
     for b, slot in ((0, 3), (2, 0)):
-        seg = int(lens[b]) % (cfg.recent_steps + 1)
-        newest = tags[slot, :, :, seg * NP:(seg + 1) * NP]  # [HKV, nsel, NP]
+        newest = _segment(tags, slot, int(lens[b]), cfg)  # [HKV, nsel, NP]
         assert int((newest >= 0).sum()) == HKV * nsel * min(cfg.budget, int(lens[b]))
         pos = newest.clamp(min=0).long()
         rows = (tables[b].long()[pos // BS] * BS + pos % BS) * HKV + torch.arange(HKV, device="cuda")[:, None, None]
+        seg = int(lens[b]) % (cfg.recent_steps + 1)
         got = ring[slot, :, :, seg * NP:(seg + 1) * NP][newest >= 0]
         assert torch.equal(got.cpu(), v.view(-1, D)[rows[newest >= 0].cpu()])
 
@@ -201,41 +211,47 @@ def test_recent_rings_serve_rows_selected_before_from_the_device():
     q, k, v, tables, lens = _case([1500, 700], torch.bfloat16)
     ring, tags = _rings(cfg, 2, 1)
     slots = torch.tensor([1, -1], dtype=torch.int32, device="cuda")
-    td.kcache_decode(q, k, v, tables, lens - 1, cfg, recent=(ring, tags, slots))
+    hits = torch.zeros(2, dtype=torch.int32, device="cuda")
+    td.kcache_decode(q, k, v, tables, lens - 1, cfg, recent=(ring, tags, slots, hits))
     torch.cuda.synchronize()
+    assert hits.sum() == 0  # empty rings
     mixed = v.clone()
     v += 1.0  # a host write after the first step
-    NP = cfg.selection_width
-    seg = int(lens[0] - 1) % 2
-    pos = tags[1, :, 0, seg * NP:(seg + 1) * NP]  # [HKV, NP]: what sequence 0 selected
+    pos = _segment(tags, 1, int(lens[0] - 1), cfg)[:, 0]  # [HKV, NP]: what sequence 0 selected
     rows = (tables[0].long()[pos.clamp(min=0) // BS] * BS + pos.clamp(min=0) % BS) * HKV + torch.arange(HKV, device="cuda")[:, None]
     old = mixed.view(-1, D)[rows[pos >= 0].cpu()].clone()
     mixed.copy_(v)
     mixed.view(-1, D)[rows[pos >= 0].cpu()] = old  # what the step should read: the rings' rows, else the host's
-    out, _ = td.kcache_decode(q, k, v, tables, lens, cfg, recent=(ring, tags, slots))
+    out, _ = td.kcache_decode(q, k, v, tables, lens, cfg, recent=(ring, tags, slots, hits))
     want, _ = td.kcache_decode(q, k, mixed.pin_memory(), tables, lens, cfg)
     assert torch.equal(out, want)
+    again = _segment(tags, 1, int(lens[0]), cfg)[:, 0]  # what it selected now
+    both = sum(len(set(a.tolist()) & set(b.tolist()) - {-1}) for a, b in zip(pos, again))
+    assert int(hits[0]) == both > 0 and hits[1] == 0
     assert (out[0] - td.kcache_decode(q, k, v, tables, lens, cfg)[0][0]).float().abs().max() > 0.1  # rings were read
 
 
 def test_engine_decodes_the_same_with_and_without_recent_rings():
-    """SmolLM2 on the GPU with CUDA graphs, a pool tight enough to preempt and rings for only some sequences:
-    the rings change where V rows are read, never the tokens."""
+    """SmolLM2 shapes (random weights) on the GPU with CUDA graphs, a pool tight enough to preempt and a ring for
+    only one sequence at a time: the rings change where V rows are read, never the tokens."""
     import random
 
     from kcache import LLM
     from kcache.config import SamplingParams
 
     rng = random.Random(0)
-    prompts = [[rng.randrange(100, 40000) for _ in range(rng.randint(300, 900))] for _ in range(6)]
-    tokens, preempted = {}, {}
+    prompts = [[rng.randrange(100, 40000) for _ in range(rng.randint(300, 600))] for _ in range(6)]
+    tokens, preempted, from_rings = {}, {}, {}
     for steps in (0, 3):
-        llm = LLM("smollm2", cache=KCacheConfig(top_n=16, recent_steps=steps), device="cuda", dtype="bfloat16",
-                  max_model_len=1024, device_cache_bytes=3000 * 30 * 3 * 64 * 2, max_num_seqs=8)
-        assert llm.engine.runner.cache.recent_slots == (0 if steps == 0 else 2)  # 1/16 of the pool: 2 rings
-        outs = llm.generate(prompts, SamplingParams(max_tokens=48, ignore_eos=True), use_tqdm=False)
+        llm = LLM("smollm2-135m", load_format="dummy", cache=KCacheConfig(top_n=16, recent_steps=steps), device="cuda",
+                  dtype="bfloat16", max_model_len=1024, device_cache_bytes=2000 * 30 * 3 * 64 * 2, max_num_seqs=8)
+        assert llm.engine.runner.cache.recent_slots == (0 if steps == 0 else 1)  # 1/16 of the pool: one ring
+        # ~3 prompts fit at once, and their 400 new tokens each outgrow the pool: decoding must preempt
+        outs = llm.generate(prompts, SamplingParams(max_tokens=400, ignore_eos=True), use_tqdm=False)
         tokens[steps] = [o.token_ids for o in outs]
         preempted[steps] = sum(o.metrics["preemptions"] for o in outs)
+        from_rings[steps] = sum(o.metrics["v_bytes_from_rings"] for o in outs)
         llm.engine.close()
-    assert preempted[3] > 0
+    assert preempted[3] > 0, preempted
+    assert from_rings[3] > 0 and from_rings[0] == 0, from_rings
     assert tokens[3] == tokens[0]
