@@ -88,3 +88,21 @@ def test_cli_flag():
     add_engine_args(p)
     assert engine_config_from_args(p.parse_args(["--tensor-parallel-size", "2"])).tensor_parallel_size == 2
     assert engine_config_from_args(p.parse_args([])).tensor_parallel_size == 1
+
+
+def test_a_retired_group_lets_the_next_engine_start_one():
+    """On GPUs rank 0 retires its NCCL group instead of tearing it down (teardown deadlocks there); the bookkeeping
+    must still let a later engine in the same process start a new group. Checked here with gloo, world size 1."""
+    import torch.distributed as dist
+
+    from kcache.distributed import comm
+
+    comm.init(0, 1, comm.free_port(), torch.device("cpu"))
+    comm._retire(dist.distributed_c10d._get_default_group())
+    assert not dist.is_initialized()
+    comm.init(0, 1, comm.free_port(), torch.device("cpu"))
+    x = torch.ones(3)
+    dist.all_reduce(x)
+    assert x.tolist() == [1.0, 1.0, 1.0]
+    comm.destroy()
+    assert not dist.is_initialized()

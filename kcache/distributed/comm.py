@@ -60,7 +60,8 @@ def _retire(group) -> None:
     """Forget the default group, as destroy_process_group's bookkeeping does, so that a later engine can start a
     new one; but keep the group object alive for the life of the process (one extra reference that nothing drops,
     not even interpreter exit), because its destructor would run the teardown that deadlocks. Its communicator's
-    device buffers stay allocated until the process exits. Uses torch.distributed internals (torch 2.5 to 2.13)."""
+    device buffers stay allocated until the process exits. Uses torch.distributed internals (checked on torch 2.11
+    and 2.13)."""
     c10d = dist.distributed_c10d
     _retired.append(group)
     ctypes.pythonapi.Py_IncRef(ctypes.py_object(group))
