@@ -40,6 +40,8 @@ class RecentSlots:
 
     def assign(self, seqs: list[Sequence]) -> tuple[list[int], list[int]]:
         """(ring per sequence, -1 where none is left; rings handed out now, to be cleared)."""
+        if not self.free and not self.owner:  # no rings at all: nothing to track on the decode path
+            return [-1] * len(seqs), []
         present = set(seqs)
         for seq in [s for s in self.owner if s not in present]:
             self.free.append(self.owner.pop(seq))
