@@ -6,7 +6,6 @@ driver can map with large GPU page-table entries. Prints a table; needs root for
 """
 from __future__ import annotations
 
-import ctypes
 import json
 import mmap
 import os

@@ -169,11 +169,12 @@ def _rings(cfg, slots, nsel):
     return torch.empty(shape, dtype=torch.bfloat16, device="cuda"), torch.full(shape[:-1], -1, dtype=torch.int32, device="cuda")
 
 
-def _segment(tags, slot, length, cfg):
-    """Positions [HKV, 1|G, NP] that the step at `length` wrote into a ring's tags (-1: none)."""
+def _segment(rings, slot, length, cfg):
+    """What the step at `length` wrote into a ring: of the tags, positions [HKV, 1|G, NP] (-1: none); of the rings,
+    rows [HKV, 1|G, NP, D]."""
     NP = cfg.selection_width
     seg = length % (cfg.recent_steps + 1)
-    return tags[slot, :, :, seg * NP:(seg + 1) * NP]
+    return rings[slot, :, :, seg * NP:(seg + 1) * NP]
 
 
 @pytest.mark.parametrize("selection", ["group", "head"])
@@ -193,14 +194,12 @@ def test_recent_rings_change_nothing_but_where_rows_are_read(selection):
         assert torch.equal(out, want)
         assert torch.allclose(mass, want_mass, rtol=1e-6, atol=0)  # the same sums, maybe added in another order
     assert hits[0] > 0 and hits[1] == 0 and hits[2] > 0
-    NP = cfg.selection_width
     for b, slot in ((0, 3), (2, 0)):
         newest = _segment(tags, slot, int(lens[b]), cfg)  # [HKV, nsel, NP]
         assert int((newest >= 0).sum()) == HKV * nsel * min(cfg.budget, int(lens[b]))
         pos = newest.clamp(min=0).long()
         rows = (tables[b].long()[pos // BS] * BS + pos % BS) * HKV + torch.arange(HKV, device="cuda")[:, None, None]
-        seg = int(lens[b]) % (cfg.recent_steps + 1)
-        got = ring[slot, :, :, seg * NP:(seg + 1) * NP][newest >= 0]
+        got = _segment(ring, slot, int(lens[b]), cfg)[newest >= 0]
         assert torch.equal(got.cpu(), v.view(-1, D)[rows[newest >= 0].cpu()])
 
 

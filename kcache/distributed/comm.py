@@ -53,9 +53,6 @@ def destroy() -> None:
         _threads_before = None
 
 
-_retired: list = []
-
-
 def _retire(group) -> None:
     """Forget the default group, as destroy_process_group's bookkeeping does, so that a later engine can start a
     new one; but keep the group object alive for the life of the process (one extra reference that nothing drops,
@@ -63,7 +60,6 @@ def _retire(group) -> None:
     device buffers stay allocated until the process exits. Uses torch.distributed internals (checked on torch 2.11
     and 2.13)."""
     c10d = dist.distributed_c10d
-    _retired.append(group)
     ctypes.pythonapi.Py_IncRef(ctypes.py_object(group))
     world = c10d._world
     c10d._update_default_pg(None)

@@ -16,7 +16,7 @@ from kcache.engine.block_manager import BlockManager
 from kcache.engine.model_runner import build_runner
 from kcache.engine.sampling import sample
 from kcache.engine.scheduler import Scheduler
-from kcache.engine.sequence import Sequence, Status
+from kcache.engine.sequence import Sequence
 from kcache.models import loader
 
 
