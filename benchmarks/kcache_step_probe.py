@@ -68,6 +68,7 @@ def ring_row(q, k, v, tables, lens, cfg: KCacheConfig, select_ms: float) -> dict
     """The whole op with recent-V rings (recent_steps 3) over steps whose selections repeat, as a static query over
     a growing sequence gives: the gather's time when (nearly) every row comes from the device ring."""
     batch, dev = q.shape[0], q.device
+    cfg = cfg.model_copy(update={"recent_steps": 3})
     width = (cfg.recent_steps + 1) * cfg.selection_width
     ring = torch.empty(LAYERS, batch, HKV, 1, width, D, device=dev, dtype=torch.bfloat16)
     tags = torch.full(ring.shape[:-1], -1, device=dev, dtype=torch.int32)

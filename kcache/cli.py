@@ -62,7 +62,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     c.add_argument("--sink-tokens", type=non_negative_int, default=None, help="first tokens always selected")
     c.add_argument("--recent-tokens", type=non_negative_int, default=None, help="last tokens always selected")
     c.add_argument("--recent-steps", type=non_negative_int, default=None,
-                   help="GPU, experimental: V rows the last R steps selected stay on the device and are read from there (default 0: off)")
+                   help="GPU: V rows the last R steps selected stay on the device and are read from there (default 3; 0: off)")
     m = p.add_argument_group("memory")
     m.add_argument("--block-size", type=positive_int, default=16)
     m.add_argument("--max-num-seqs", type=positive_int, default=256, help="largest decode batch")

@@ -31,8 +31,8 @@ class KCacheConfig(_Frozen):
     sink_tokens: int = Field(0, ge=0, description="first tokens always selected, on top of top_n")
     recent_tokens: int = Field(0, ge=0, description="last tokens always selected, on top of top_n")
     recent_steps: int = Field(
-        0, ge=0, description="GPU, experimental: keep on the device the V rows each sequence's last R steps "
-        "selected, and read rows selected again from there instead of host memory (0: off)",
+        3, ge=0, description="GPU: keep on the device the V rows each sequence's last R steps selected, and read "
+        "rows selected again from there instead of host memory (0: off)",
     )
 
     @model_validator(mode="after")

@@ -29,3 +29,43 @@ def test_compare_writes_json_and_kcache_admits_more(tiny_chat_model, tmp_path, c
     assert data["results"]["kcache"]["max_concurrent_seqs"] == 4
     assert data["kcache_over_full"]["max_concurrent_seqs"] == 2
     assert data["machine"]["cpu_count"] >= 1 and "bench" in data["command"]
+
+
+def test_book_prompts_are_windows_of_the_book(smollm2_tokenizer):
+    from argparse import Namespace
+
+    from kcache.bench.throughput import make_requests, read_dataset
+
+    text = read_dataset("peter_pan")
+    args = Namespace(seed=0, random_range_ratio=0.0, input_len=64, output_len=8, num_prompts=6)
+    requests = make_requests(args, text, len(smollm2_tokenizer), smollm2_tokenizer)
+    book = smollm2_tokenizer(text, add_special_tokens=False)["input_ids"]
+    twice = book + book  # a window may wrap around the end
+    starts = set()
+    for ids, out in requests:
+        assert len(ids) == 64 and out == 8
+        hits = [i for i in range(len(book)) if twice[i:i + 64] == ids]
+        assert hits, "a prompt is not a window of the book's tokens"
+        starts.add(hits[0])
+    assert len(starts) == 6  # each prompt starts elsewhere
+    assert requests == make_requests(args, text, len(smollm2_tokenizer), smollm2_tokenizer)  # the same in every mode
+
+
+def test_bench_on_a_book(tiny_chat_model, tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    rc = main(["bench", "--model", str(tiny_chat_model), "--dataset", "alice", "--input-len", "40", "--output-len", "4",
+               "--num-prompts", "3", "--output-json", str(out)])
+    assert rc == 0
+    data = json.loads(out.read_text())
+    assert data["args"]["dataset"] == "alice" and data["results"]["kcache"]["requests"] == 3
+
+
+def test_bench_dataset_errors_are_one_line(tmp_path, capsys):
+    for argv, words in (
+        (["--model", "llama-3.1-8b", "--load-format", "dummy", "--dataset", str(tmp_path / "missing.txt")], "cannot read"),
+        (["--model", "smollm2-135m", "--load-format", "dummy", "--dataset", "alice", "--num-prompts", "1",
+          "--input-len", "8", "--output-len", "1", "--host-cache-gb", "0.1", "--device-cache-gb", "0.1"], "tokenizer"),
+    ):
+        assert main(["bench", *argv]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("kcache bench: error:") and words in err[0], err

@@ -183,25 +183,31 @@ def _rank_top_kernel(
     """
     bh, c = tl.program_id(0), tl.program_id(1)
     C = tl.num_programs(1)
-    top, z = _merge_stats(m_in, l_in, bh, S, G, BG, SP)
     length = tl.load(lengths + bh // HKV)
-    pos = c * BLOCK_L + tl.arange(0, BLOCK_L)
     g = tl.arange(0, BG)
-    valid = pos < length
-    x = tl.load(logits + (bh * G + g[:, None]) * L + pos[None, :], mask=(g[:, None] < G) & valid[None, :],
-                other=float("-inf"))
-    p = tl.exp(x - top[:, None]) / z[:, None]  # [BG, BLOCK_L], 0 on masked entries
-    forced = ((pos < sink) | (pos >= length - recent)) & valid
     j = tl.arange(0, NP)
-    if GROUP:
-        r = tl.where(forced, G + 1.0, tl.sum(p, 0))
-        key = tl.where(valid, (r.to(tl.int32, bitcast=True).to(tl.int64) << 32) | pos, -1)
-        tl.store(cand + (bh * C + c) * NP + j, tl.topk(key, NP))
+    out = cand + (bh * (1 if GROUP else G) * C + c) * NP
+    if c * BLOCK_L >= length:  # past the sequence (the table is as wide as the longest one can be): no candidates
+        if GROUP:
+            tl.store(out + j, tl.full([NP], -1, tl.int64))
+        else:
+            tl.store(out + g[:, None] * C * NP + j[None, :], tl.full([BG, NP], -1, tl.int64), mask=g[:, None] < G)
     else:
-        r = tl.where(forced[None, :], G + 1.0, p)
-        key = tl.where(valid[None, :], (r.to(tl.int32, bitcast=True).to(tl.int64) << 32) | pos[None, :], -1)
-        tl.store(cand + ((bh * G + g[:, None]) * C + c) * NP + j[None, :], tl.topk(key, NP, dim=1),
-                 mask=g[:, None] < G)
+        top, z = _merge_stats(m_in, l_in, bh, S, G, BG, SP)
+        pos = c * BLOCK_L + tl.arange(0, BLOCK_L)
+        valid = pos < length
+        x = tl.load(logits + (bh * G + g[:, None]) * L + pos[None, :], mask=(g[:, None] < G) & valid[None, :],
+                    other=float("-inf"))
+        p = tl.exp(x - top[:, None]) / z[:, None]  # [BG, BLOCK_L], 0 on masked entries
+        forced = ((pos < sink) | (pos >= length - recent)) & valid
+        if GROUP:
+            r = tl.where(forced, G + 1.0, tl.sum(p, 0))
+            key = tl.where(valid, (r.to(tl.int32, bitcast=True).to(tl.int64) << 32) | pos, -1)
+            tl.store(out + j, tl.topk(key, NP))
+        else:
+            r = tl.where(forced[None, :], G + 1.0, p)
+            key = tl.where(valid[None, :], (r.to(tl.int32, bitcast=True).to(tl.int64) << 32) | pos[None, :], -1)
+            tl.store(out + g[:, None] * C * NP + j[None, :], tl.topk(key, NP, dim=1), mask=g[:, None] < G)
 
 
 @triton.jit

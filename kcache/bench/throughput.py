@@ -1,7 +1,9 @@
 """`kcache bench`: offline throughput in the manner of `vllm bench throughput`, FullKV and KCache in one engine.
 
-All prompts are submitted at once (random token ids, `ignore_eos`), so the scheduler admits as many as the
-memory budgets allow: the largest concurrent batch is where KCache's halved device footprint shows.
+All prompts are submitted at once (`ignore_eos`), so the scheduler admits as many as the memory budgets allow:
+the largest concurrent batch is where KCache's halved device footprint shows. Prompts are random token ids, or
+windows of a real text (`--dataset`): real weights attend to real text as they do in use, which decides how much
+of the attention the top N keep and how often consecutive steps select the same tokens.
 """
 from __future__ import annotations
 
@@ -18,7 +20,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from kcache.cli import add_engine_args, engine_config_from_args, positive_int
+from kcache.cli import CLIError, add_engine_args, engine_config_from_args, positive_int
+from kcache.eval.haystack import BOOKS, read_text
 
 RATIO_KEYS = ("requests_per_s", "output_tokens_per_s", "decode_tokens_per_s", "full_batch_decode_tokens_per_s",
               "max_concurrent_seqs", "mean_ttft_s", "mean_tpot_s")
@@ -30,20 +33,48 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-prompts", type=positive_int, default=32)
     p.add_argument("--random-range-ratio", type=float, default=0.0,
                    help="draw each length uniformly from [len*(1-r), len*(1+r)] (0: all equal)")
+    p.add_argument("--dataset", default="random",
+                   help=f"prompt source: 'random' token ids, a shipped book ({', '.join(BOOKS)}) or a text file, cut "
+                        "into windows of --input-len tokens at different offsets (needs the model's tokenizer)")
     p.add_argument("--compare", action="store_true", help="run KCache and FullKV in one process and print the ratio")
     p.add_argument("--output-json", type=Path, help="write the results here")
     add_engine_args(p)
 
 
-def make_requests(args, vocab: int) -> list[tuple[list[int], int]]:
+def make_requests(args, text: str | None, vocab: int, tokenizer) -> list[tuple[list[int], int]]:
+    """(prompt ids, output length) per request, the same for every mode (seeded); text: the dataset's, or None."""
     rng = random.Random(args.seed)
     r = args.random_range_ratio
 
     def draw(n: int) -> int:
         return max(1, rng.randint(int(n * (1 - r)), int(n * (1 + r)))) if r else n
 
-    return [([rng.randrange(10, vocab) for _ in range(draw(args.input_len))], draw(args.output_len))
-            for _ in range(args.num_prompts)]
+    lengths = [(draw(args.input_len), draw(args.output_len)) for _ in range(args.num_prompts)]
+    if text is None:
+        return [([rng.randrange(10, vocab) for _ in range(n)], out) for n, out in lengths]
+    if tokenizer is None:
+        raise CLIError("--dataset with a text needs a model with a tokenizer (dummy weights have none): use --dataset random")
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return [(window(ids, rng.randrange(len(ids)), n), out) for n, out in lengths]
+
+
+def read_dataset(source: str) -> str | None:
+    """The text prompts are cut from (None: random token ids); checked before any model loads."""
+    if source == "random":
+        return None
+    try:
+        text = read_text(source)
+    except (OSError, UnicodeDecodeError) as e:
+        raise CLIError(f"--dataset: cannot read {source!r} ({getattr(e, 'strerror', None) or e}): give 'random', a "
+                       f"shipped book ({', '.join(BOOKS)}) or a text file") from None
+    if not text.strip():
+        raise CLIError(f"--dataset: {source!r} has no text")
+    return text
+
+
+def window(ids: list[int], start: int, n: int) -> list[int]:
+    """n tokens of ids from start, wrapping around (a text shorter than a prompt repeats)."""
+    return [ids[(start + i) % len(ids)] for i in range(n)]
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -53,12 +84,24 @@ def percentile(values: list[float], q: float) -> float:
     return s[min(len(s) - 1, int(round(q / 100 * (len(s) - 1))))]
 
 
-def run_mode(cfg, loaded, args) -> dict:
-    from kcache.config import SamplingParams
+def run_mode(cfg, loaded, args, text: str | None) -> dict:
     from kcache.engine.llm_engine import LLMEngine
 
     engine = LLMEngine(cfg, loaded)
-    requests = make_requests(args, engine.model_config.vocab_size)  # seeded: the same prompts in every mode
+    try:
+        return measure(engine, make_requests(args, text, engine.model_config.vocab_size, engine.tokenizer))
+    finally:
+        engine.close()
+        del engine
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def measure(engine, requests) -> dict:
+    """Submit every request at once, step until all finish; the summary of the run."""
+    from kcache.config import SamplingParams
+
     if engine.device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -66,7 +109,7 @@ def run_mode(cfg, loaded, args) -> dict:
     for ids, out_len in requests:
         engine.add_request(ids, SamplingParams(max_tokens=out_len, ignore_eos=True))
     finished = []
-    with tqdm(total=len(requests), desc=f"bench {cfg.cache}", unit="req", file=sys.stderr) as bar:
+    with tqdm(total=len(requests), desc=f"bench {engine.cfg.cache}", unit="req", file=sys.stderr) as bar:
         while engine.has_unfinished():
             for out in engine.step():
                 if out.finished:
@@ -74,14 +117,7 @@ def run_mode(cfg, loaded, args) -> dict:
                     bar.update(1)
     if engine.device.type == "cuda":
         torch.cuda.synchronize()
-    elapsed = time.perf_counter() - t0
-    result = summarize(engine, finished, elapsed)
-    engine.close()
-    del engine
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-    return result
+    return summarize(engine, finished, time.perf_counter() - t0)
 
 
 def summarize(engine, finished, elapsed: float) -> dict:
@@ -170,13 +206,14 @@ def run(args) -> int:
 
     modes = ["kcache", "full"] if args.compare else [args.cache]
     base = engine_config_from_args(args)
+    text = read_dataset(args.dataset)
     # one load shared by both modes; under tensor parallelism each rank loads its own shard instead
     loaded = loader.load(base.model, base.load_format, base.dtype, base.device, base.seed) if base.tensor_parallel_size == 1 else None
     longest = int(args.input_len * (1 + args.random_range_ratio)) + int(args.output_len * (1 + args.random_range_ratio))
     results = {}
     for mode in modes:
         cfg = base.model_copy(update={"cache": mode, "max_model_len": base.max_model_len or longest})
-        results[mode] = run_mode(cfg, loaded, args)
+        results[mode] = run_mode(cfg, loaded, args, text)
     ratio = None
     if args.compare:
         ratio = {k: results["kcache"][k] / results["full"][k] for k in RATIO_KEYS if results["full"][k]}

@@ -182,7 +182,7 @@ class LLMEngine:
             text = self.tokenizer.decode(seq.completion_ids, skip_special_tokens=True)
             if any(s in text for s in p.stop):
                 return "stop"
-        if len(seq.completion_ids) >= p.max_tokens or seq.num_tokens >= self.max_model_len:
+        if seq.num_tokens - seq.num_prompt >= p.max_tokens or seq.num_tokens >= self.max_model_len:
             return "length"
         return None
 
@@ -214,7 +214,7 @@ class LLMEngine:
 
     def _emit(self, seq: Sequence, new: list[int]) -> RequestOutput:
         out = RequestOutput(
-            request_id=seq.request_id, prompt_token_ids=seq.token_ids[:seq.num_prompt], token_ids=seq.completion_ids,
+            request_id=seq.request_id, prompt_token_ids=seq.prompt_ids, token_ids=seq.completion_ids,
             new_token_ids=new, text=self._text(seq) if seq.is_finished else "", finished=seq.is_finished,
             finish_reason=seq.finish_reason, metrics=self.metrics(seq) if seq.is_finished else {},
         )

@@ -71,6 +71,8 @@ class Sequence:
 
     def __post_init__(self):
         self.num_prompt = self.num_prompt or len(self.token_ids)
+        # one copy for every step's output: slicing a long prompt per sequence per step cost milliseconds per step
+        self.prompt_ids = self.token_ids[:self.num_prompt]
 
     @property
     def num_tokens(self) -> int:
