@@ -1,6 +1,6 @@
-"""Profile engine decode steps (dummy Llama-3.1-8B shapes): where a step's time goes beyond the attention op.
+"""Profile engine decode steps (random weights of a preset's shapes): where a step's time goes beyond the attention op.
 
-python benchmarks/profile_decode.py kcache|full BATCH CONTEXT
+python benchmarks/profile_decode.py kcache|full BATCH CONTEXT [PRESET]      # PRESET: llama-3.1-8b (default)
 """
 from __future__ import annotations
 
@@ -17,9 +17,9 @@ from kcache.engine.llm_engine import LLMEngine
 from kcache.models import loader
 
 
-def main(mode: str, batch: int, context: int) -> None:
-    loaded = loader.load("llama-3.1-8b", "dummy", "bfloat16")
-    cfg = EngineConfig(model="llama-3.1-8b", load_format="dummy", cache=mode, kcache=KCacheConfig(top_n=64),
+def main(mode: str, batch: int, context: int, preset: str) -> None:
+    loaded = loader.load(preset, "dummy", "bfloat16")
+    cfg = EngineConfig(model=preset, load_format="dummy", cache=mode, kcache=KCacheConfig(top_n=64),
                        max_model_len=context + 64, max_num_seqs=batch, max_num_batched_tokens=32768,
                        host_cache_bytes=96 << 30)
     eng = LLMEngine(cfg, loaded)
@@ -51,4 +51,4 @@ def main(mode: str, batch: int, context: int) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]))
+    main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4] if len(sys.argv) > 4 else "llama-3.1-8b")
