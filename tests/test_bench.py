@@ -51,7 +51,7 @@ def test_book_prompts_are_windows_of_the_book(smollm2_tokenizer):
     assert requests == make_requests(args, text, len(smollm2_tokenizer), smollm2_tokenizer)  # the same in every mode
 
 
-def test_bench_on_a_book(tiny_chat_model, tmp_path, capsys):
+def test_bench_on_a_book(tiny_chat_model, tmp_path):
     out = tmp_path / "bench.json"
     rc = main(["bench", "--model", str(tiny_chat_model), "--dataset", "alice", "--input-len", "40", "--output-len", "4",
                "--num-prompts", "3", "--output-json", str(out)])

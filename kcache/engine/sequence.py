@@ -68,10 +68,11 @@ class Sequence:
     v_bytes_read: int = 0  # V bytes the top-N gather read from host memory
     v_bytes_from_rings: int = 0  # selected V bytes read from the recent-V rings on the device instead
     generator: torch.Generator | None = None  # per-request seed
+    # the prompt, copied once for every step's output: slicing a long prompt per sequence per step cost milliseconds
+    prompt_ids: list[int] = field(init=False)
 
     def __post_init__(self):
         self.num_prompt = self.num_prompt or len(self.token_ids)
-        # one copy for every step's output: slicing a long prompt per sequence per step cost milliseconds per step
         self.prompt_ids = self.token_ids[:self.num_prompt]
 
     @property
