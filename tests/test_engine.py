@@ -206,3 +206,29 @@ def test_recent_rings_follow_the_sequences_that_decode():
     assert rings.assign([b, c]) == ([1, 0], [0])  # a left: its ring is cleared for c
     assert rings.assign([d, b]) == ([0, 1], [0])
     assert RecentSlots(0).assign([a, b]) == ([-1, -1], [])
+
+
+def test_incremental_decoder_matches_whole_decode(smollm2_tokenizer):
+    from kcache.engine.detokenize import IncrementalDecoder
+
+    text = "Naïve café: 日本語 and 🙂 emoji, then plain words.\nA new line."
+    prompt = smollm2_tokenizer("Say:", add_special_tokens=False)["input_ids"]
+    ids = prompt + smollm2_tokenizer(text, add_special_tokens=False)["input_ids"]
+    decoder = IncrementalDecoder(smollm2_tokenizer, start=len(prompt))
+    pieces = [decoder.update(ids[:n]) for n in range(len(prompt) + 1, len(ids) + 1)]
+    assert "".join(pieces) == decoder.text == smollm2_tokenizer.decode(ids[len(prompt):], skip_special_tokens=True)
+    assert "" in pieces  # a token ending inside a multi-byte character waited for the next one
+
+
+def test_stop_string_ends_the_completion_at_its_token(tiny_chat_model):
+    loaded = loader.load(str(tiny_chat_model), device="cpu")
+    engine = make_engine(loaded, "full")
+    prompt = loaded.tokenizer("Once upon a time", add_special_tokens=False)["input_ids"]
+    free = run_all(engine, [prompt], SamplingParams(max_tokens=24, ignore_eos=True))[0]
+    tok = loaded.tokenizer
+    stop = free.text[len(free.text) // 2:len(free.text) // 2 + 3]  # three characters from the middle
+    stopped = run_all(engine, [prompt], SamplingParams(max_tokens=24, ignore_eos=True, stop=[stop]))[0]
+    assert stopped.finish_reason == "stop" and stopped.text == free.text[:free.text.index(stop)]
+    # generation ends at the first token whose text completes the stop string, as decoding everything would find
+    first = next(n for n in range(1, 25) if stop in tok.decode(free.token_ids[:n], skip_special_tokens=True))
+    assert stopped.token_ids == free.token_ids[:first]

@@ -13,6 +13,7 @@ from kcache.config import EngineConfig, SamplingParams
 from kcache.distributed import comm, sharding
 from kcache.distributed.worker import Workers
 from kcache.engine.block_manager import BlockManager
+from kcache.engine.detokenize import IncrementalDecoder
 from kcache.engine.model_runner import build_runner
 from kcache.engine.sampling import sample
 from kcache.engine.scheduler import Scheduler
@@ -178,13 +179,21 @@ class LLMEngine:
         p = seq.params
         if (token in self.eos_ids and not p.ignore_eos) or token in p.stop_token_ids:
             return "stop"
-        if p.stop and self.tokenizer is not None:
-            text = self.tokenizer.decode(seq.completion_ids, skip_special_tokens=True)
-            if any(s in text for s in p.stop):
-                return "stop"
+        if p.stop and self.tokenizer is not None and self._stop_string_ends_here(seq):
+            return "stop"
         if seq.num_tokens - seq.num_prompt >= p.max_tokens or seq.num_tokens >= self.max_model_len:
             return "length"
         return None
+
+    def _stop_string_ends_here(self, seq: Sequence) -> bool:
+        """Whether the text this token adds completes one of the stop strings (earlier text was searched before)."""
+        if seq.stop_text is None:
+            seq.stop_text = IncrementalDecoder(self.tokenizer, start=seq.num_prompt)
+        piece = seq.stop_text.update(seq.token_ids)
+        if not piece:
+            return False
+        tail = seq.stop_text.text[-(len(piece) + max(map(len, seq.params.stop)) - 1):]
+        return any(s in tail for s in seq.params.stop)
 
     def _decode_summary(self, batch: int) -> tuple[torch.Tensor, ...]:
         """Per sequence, the sum and minimum of this step's mass kept over approximate layers and heads (rank 0's

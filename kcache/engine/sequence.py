@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from kcache.config import SamplingParams
+from kcache.engine.detokenize import IncrementalDecoder
 
 
 class Status(Enum):
@@ -68,6 +69,7 @@ class Sequence:
     v_bytes_read: int = 0  # V bytes the top-N gather read from host memory
     v_bytes_from_rings: int = 0  # selected V bytes read from the recent-V rings on the device instead
     generator: torch.Generator | None = None  # per-request seed
+    stop_text: IncrementalDecoder | None = None  # the completion's text, kept while stop strings are looked for
     # the prompt, copied once for every step's output: slicing a long prompt per sequence per step cost milliseconds
     prompt_ids: list[int] = field(init=False)
 

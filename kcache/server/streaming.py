@@ -7,6 +7,7 @@ from typing import AsyncIterator
 from pydantic import BaseModel
 
 from kcache.engine.async_engine import EngineError
+from kcache.engine.detokenize import IncrementalDecoder
 from kcache.engine.llm_engine import RequestOutput
 from kcache.server import protocol as p
 from kcache.server.errors import error_body, from_engine
@@ -14,29 +15,23 @@ from kcache.server.metrics import Metrics
 
 
 class IncrementalText:
-    """The completion's text, piece by piece. Each step decodes only the last few tokens (the whole completion
-    would be quadratic) and holds back an incomplete UTF-8 character and whatever a stop string could still claim,
-    since the final text is cut before the stop string."""
+    """The completion's text, piece by piece, holding back whatever a stop string could still claim, since the
+    final text is cut before the stop string."""
 
     def __init__(self, tokenizer, stop: tuple[str, ...]):
-        self.tokenizer = tokenizer
+        self.decoder = IncrementalDecoder(tokenizer)
         self.hold = max((len(s) for s in stop), default=1) - 1
-        self.prefix = self.read = 0  # token offsets: decoding context start; tokens already turned into text
-        self.text, self.sent = "", 0
+        self.sent = 0
 
     def next(self, out: RequestOutput) -> str:
         """The new text since the last call; the last call (out.finished) gets the rest of the engine's final text."""
         if out.finished:
             piece, self.sent = out.text[self.sent:], len(out.text)
             return piece
-        ids = out.token_ids
-        before = self.tokenizer.decode(ids[self.prefix:self.read], skip_special_tokens=True)
-        after = self.tokenizer.decode(ids[self.prefix:], skip_special_tokens=True)
-        if len(after) > len(before) and not after.endswith("\ufffd"):
-            self.text += after[len(before):]
-            self.prefix, self.read = self.read, len(ids)
-        ready = max(self.sent, len(self.text) - self.hold)
-        piece, self.sent = self.text[self.sent:ready], ready
+        self.decoder.update(out.token_ids)
+        text = self.decoder.text
+        ready = max(self.sent, len(text) - self.hold)
+        piece, self.sent = text[self.sent:ready], ready
         return piece
 
 
