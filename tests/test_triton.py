@@ -163,6 +163,44 @@ def test_store_rows_writes_the_host_pool():
     assert torch.equal(pool, want)
 
 
+def test_load_rows_reads_the_host_pool():
+    from kcache.cache.kv import host_empty
+
+    for pool in (torch.randn(10, BS, HKV, D).to(torch.bfloat16).pin_memory(),
+                 host_empty((10, BS, 3, 64), torch.float32, torch.device("cuda"))):  # SmolLM2's 3 x 64: not a power of two
+        pool.copy_(torch.randn(pool.shape))
+        slots = torch.tensor([3, 150, 17, 42, 159, 17], dtype=torch.long)
+        got = td.load_rows(pool, slots.cuda())
+        assert got.is_cuda and torch.equal(got.cpu(), pool.view(-1, *pool.shape[-2:])[slots])
+        if pool.dtype == torch.float32:
+            torch.cuda.synchronize()
+            torch.cuda.cudart().cudaHostUnregister(pool.data_ptr())
+
+
+def test_chunked_prefill_reads_earlier_v_from_the_host_pool():
+    """A prompt prefilled in three chunks through a KCache on the GPU: each chunk's attention over the earlier
+    chunks reads their V back from the host pool; the outputs equal exact attention over the whole prompt."""
+    from kcache.cache.kv import KCache, StepBatch
+    from kcache.models.config import ModelConfig
+
+    torch.manual_seed(next(_seed))
+    cfg = ModelConfig("llama", 100, HKV * G * D, 1, 1, HKV * G, HKV, D, 4096)
+    cache = KCache(cfg, 40, BS, torch.float32, torch.device("cuda"), KCacheConfig())
+    q, k, v = (torch.randn(300, h, D, device="cuda") for h in (HKV * G, HKV, HKV))
+    table = torch.randperm(40, device="cuda")[:19].to(torch.int32)[None]  # scattered blocks
+    slots = (table[0].long()[:, None] * BS + torch.arange(BS, device="cuda")).flatten()[:300]
+    _poison()
+    outs = []
+    for start, end in ((0, 100), (100, 237), (237, 300)):
+        batch = StepBatch(is_prefill=True, slot_mapping=slots[start:end], block_tables=table,
+                          lengths=torch.tensor([end], dtype=torch.int32, device="cuda"),
+                          chunk_starts=(0,), chunk_lens=(end - start,), context_lens=(start,))
+        outs.append(cache.attend(0, q[start:end], k[start:end], v[start:end], batch))
+    want = ref.prefill_attention(q.double(), k.double(), v.double(), 0)
+    assert _rel(torch.cat(outs), want.cpu()) < TOL[torch.float32]
+    cache.close()
+
+
 def _rings(cfg, slots, nsel):
     """Empty recent-V rings (one layer) for `slots` sequences: (ring, tags)."""
     shape = (slots, HKV, nsel, (cfg.recent_steps + 1) * cfg.selection_width, D)

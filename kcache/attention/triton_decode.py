@@ -391,14 +391,29 @@ def kcache_decode(q, k_cache, v_cache, block_tables, lengths, cfg: KCacheConfig,
 
 
 @triton.jit
-def _store_rows_kernel(pool, rows, slots, n, E: tl.constexpr, EP: tl.constexpr, BR: tl.constexpr):
-    """Copy BR token rows of E = Hkv * D elements each (padded to EP, a power of two) to their slots."""
+def _copy_rows_kernel(pool, rows, slots, n, E: tl.constexpr, EP: tl.constexpr, BR: tl.constexpr,
+                      TO_POOL: tl.constexpr):
+    """Copy BR token rows of E = Hkv * D elements each (padded to EP, a power of two) between rows [n, E] and
+    their slots of the pool: into the pool (TO_POOL) or out of it."""
     r = tl.program_id(0) * BR + tl.arange(0, BR)
     e = tl.arange(0, EP)
     mask = (r[:, None] < n) & (e[None, :] < E)
     slot = tl.load(slots + r, mask=r < n, other=0).to(tl.int64)
-    x = tl.load(rows + r[:, None].to(tl.int64) * E + e[None, :], mask=mask)
-    tl.store(pool + slot[:, None] * E + e[None, :], x, mask=mask)
+    at_pool = pool + slot[:, None] * E + e[None, :]
+    at_rows = rows + r[:, None].to(tl.int64) * E + e[None, :]
+    if TO_POOL:
+        tl.store(at_pool, tl.load(at_rows, mask=mask), mask=mask)
+    else:
+        tl.store(at_rows, tl.load(at_pool, mask=mask), mask=mask)
+
+
+def _copy_rows(pool: torch.Tensor, rows: torch.Tensor, slots: torch.Tensor, to_pool: bool) -> None:
+    E = pool.shape[-2] * pool.shape[-1]
+    T, BR = rows.shape[0], 16
+    if T:
+        _copy_rows_kernel[(triton.cdiv(T, BR),)](
+            pool, rows, slots, T, E=E, EP=triton.next_power_of_2(E), BR=BR, TO_POOL=to_pool, num_warps=4
+        )
 
 
 def store_rows(pool: torch.Tensor, rows: torch.Tensor, slots: torch.Tensor) -> None:
@@ -406,8 +421,12 @@ def store_rows(pool: torch.Tensor, rows: torch.Tensor, slots: torch.Tensor) -> N
 
     rows [T, Hkv, D] on the GPU, slots [T] int on the GPU; no host sync, so decode steps stay graph-capturable.
     """
-    E = pool.shape[-2] * pool.shape[-1]
-    T, BR = rows.shape[0], 16
-    _store_rows_kernel[(triton.cdiv(T, BR),)](
-        pool, rows.contiguous(), slots, T, E=E, EP=triton.next_power_of_2(E), BR=BR, num_warps=4
-    )
+    _copy_rows(pool, rows.contiguous(), slots, to_pool=True)
+
+
+def load_rows(pool: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """pool.view(-1, Hkv, D)[slots] -> [T, Hkv, D] on the GPU, read by the GPU straight from a pinned host pool (a
+    CPU gather and a pageable copy took seconds per long chunked prompt). slots [T] int on the GPU."""
+    rows = torch.empty(slots.shape[0], *pool.shape[-2:], dtype=pool.dtype, device=slots.device)
+    _copy_rows(pool, rows, slots, to_pool=False)
+    return rows

@@ -124,16 +124,24 @@ class PagedKVCache:
         else:
             pool.view(-1, rows.shape[1], rows.shape[2])[slots.to(pool.device)] = rows.to(pool.device)
 
+    def _load_rows(self, pool: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        """pool [blocks, block_size, Hkv, D] (device or host) rows at slots [T] -> [T, Hkv, D] on slots' device."""
+        if pool.device == slots.device:
+            return pool.view(-1, *pool.shape[-2:])[slots]
+        if hasattr(self.ops, "load_rows"):  # the GPU reads the host pool in place
+            return self.ops.load_rows(pool, slots)
+        return pool.view(-1, *pool.shape[-2:])[slots.to(pool.device)].to(slots.device)
+
     def _prefill(self, q, k, v, kc, vc, batch: StepBatch) -> torch.Tensor:
         """Exact attention per sequence over its cached prefix and this chunk."""
         out = torch.empty_like(q)
         Hkv, D = k.shape[1], k.shape[2]
         for i, (s, n, ctx) in enumerate(zip(batch.chunk_starts, batch.chunk_lens, batch.context_lens)):
             ks, vs = k[s:s + n], v[s:s + n]
-            if ctx:  # earlier chunks: K from the device pool, V streamed back in bulk from wherever it lives
+            if ctx:  # earlier chunks: K from the device pool, V read back from wherever it lives
                 slots, _ = reference.token_slots(batch.block_tables[i:i + 1], batch.lengths[i:i + 1] - n, self.block_size, ctx)
                 ks = torch.cat([kc.view(-1, Hkv, D)[slots[0]], ks])
-                vs = torch.cat([vc.view(-1, Hkv, D)[slots[0].to(vc.device)].to(q.device, non_blocking=True), vs])
+                vs = torch.cat([self._load_rows(vc, slots[0]), vs])
             out[s:s + n] = reference.prefill_attention(q[s:s + n], ks, vs, ctx)
         return out
 
@@ -146,8 +154,7 @@ class PagedKVCache:
         slots = self._sequence_slots(batch)[0]
         Hkv, D = kc.shape[-2], kc.shape[-1]
         k = kc.view(-1, Hkv, D)[slots]
-        v = vc.view(-1, Hkv, D)[slots.to(vc.device)].to(q.device)
-        return reference.prefill_attention(q, k, v, k.shape[0] - q.shape[0])
+        return reference.prefill_attention(q, k, self._load_rows(vc, slots), k.shape[0] - q.shape[0])
 
     def _score(self, layer, q, kc, vc, batch):
         return self._exact_score(q, kc, vc, batch)
