@@ -22,6 +22,8 @@ def test_compare_writes_json_and_kcache_admits_more(tiny_chat_model, tmp_path, c
     assert set(data["results"]) == {"kcache", "full"}
     for mode in data["results"].values():
         assert mode["requests"] == 8 and mode["output_tokens_per_s"] > 0 and mode["p99_ttft_s"] >= mode["p50_ttft_s"]
+        # every prompt token at least once (a preempted sequence is prefilled again)
+        assert round(mode["prefill_tokens_per_s"] * mode["prefill_seconds"]) >= 8 * 48
         # steady state: 8 prompts of 16 tokens in waves of the largest batch, each wave 15 decode steps at full batch
         assert mode["full_batch_decode_steps"] >= 15 and mode["full_batch_decode_tokens_per_s"] > 0
         assert 1 <= mode["mean_decode_batch"] <= mode["max_concurrent_seqs"]

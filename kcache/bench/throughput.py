@@ -23,8 +23,8 @@ from tqdm.auto import tqdm
 from kcache.cli import CLIError, add_engine_args, engine_config_from_args, positive_int
 from kcache.eval.haystack import BOOKS, read_text
 
-RATIO_KEYS = ("requests_per_s", "output_tokens_per_s", "decode_tokens_per_s", "full_batch_decode_tokens_per_s",
-              "max_concurrent_seqs", "mean_ttft_s", "mean_tpot_s")
+RATIO_KEYS = ("requests_per_s", "output_tokens_per_s", "prefill_tokens_per_s", "decode_tokens_per_s",
+              "full_batch_decode_tokens_per_s", "max_concurrent_seqs", "mean_ttft_s", "mean_tpot_s")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -142,6 +142,7 @@ def summarize(engine, finished, elapsed: float) -> dict:
         "mean_decode_batch": sum(s.num_tokens for s in decode) / len(decode) if decode else float("nan"),
         "decode_seconds": decode_s,
         "prefill_seconds": sum(s.seconds for s in engine.steps if s.is_prefill),
+        "prefill_tokens_per_s": _tokens_per_s([s for s in engine.steps if s.is_prefill]),
         "mean_ttft_s": sum(ttft) / len(ttft), "p50_ttft_s": percentile(ttft, 50), "p99_ttft_s": percentile(ttft, 99),
         "mean_tpot_s": sum(tpot) / len(tpot) if tpot else float("nan"),
         "p50_tpot_s": percentile(tpot, 50), "p99_tpot_s": percentile(tpot, 99),
@@ -178,7 +179,8 @@ def machine() -> dict:
 
 
 def print_table(results: dict[str, dict], ratio: dict | None) -> None:
-    rows = ["requests_per_s", "output_tokens_per_s", "decode_tokens_per_s", "full_batch_decode_tokens_per_s",
+    rows = ["requests_per_s", "output_tokens_per_s", "prefill_tokens_per_s", "decode_tokens_per_s",
+            "full_batch_decode_tokens_per_s",
             "mean_decode_batch", "mean_ttft_s", "p50_ttft_s", "p99_ttft_s",
             "mean_tpot_s", "p50_tpot_s", "p99_tpot_s", "max_concurrent_seqs", "preemptions", "pool_tokens",
             "device_pool_bytes", "host_pool_bytes", "mass_kept_mean"]
