@@ -183,7 +183,7 @@ def print_table(results: dict[str, dict], ratio: dict | None) -> None:
             "full_batch_decode_tokens_per_s",
             "mean_decode_batch", "mean_ttft_s", "p50_ttft_s", "p99_ttft_s",
             "mean_tpot_s", "p50_tpot_s", "p99_tpot_s", "max_concurrent_seqs", "preemptions", "pool_tokens",
-            "device_pool_bytes", "host_pool_bytes", "mass_kept_mean"]
+            "device_pool_bytes", "host_pool_bytes", "mass_kept_mean", "v_share_from_rings"]
     modes = list(results)
     width = max(map(len, rows)) + 2
     header = f"{'metric':<{width}}" + "".join(f"{m:>16}" for m in modes) + (f"{'kcache/full':>14}" if ratio else "")
