@@ -3,8 +3,7 @@
 One registered host V pool and one device K pool, laid out as the engine lays them out (`[layers, blocks, 16,
 8, 128]`, bf16). Block tables are either contiguous per sequence (what the engine's free list hands out to
 sequences admitted together) or a random permutation (a long-running, fragmented pool). Prints ms per step for
-the K scan alone, scan + top-N selection, the whole op, the whole op with recent-V rings serving (nearly) every
-row, and FullKV at the batch that fits on the device beside its V. (results/kcache_step_probe_h100.json also holds a sweep of the gather's program count, measured at
+the K scan alone, scan + top-N selection, the whole op, and FullKV at the batch that fits on the device beside its V. (results/kcache_step_probe_h100.json also holds a sweep of the gather's program count, measured at
 commit a118d4c with a persistent gather kernel: it made no difference, and the kernel went back to one program
 per selection.)
 
@@ -58,35 +57,9 @@ def kcache_rows(batch: int, context: int, top_n: int) -> list[dict]:
                      "select_ms": select - scan, "gather_ms": gather, "total_ms": total,
                      "gather_GBps": v_bytes / gather / 1e6 if gather > 0 else None})
         print(json.dumps(rows[-1]), flush=True)
-    rows.append({"layout": layout, **ring_row(q, k, v, tables, lens, cfg, rows[-1]["select_ms"] + rows[-1]["scan_ms"])})
     del k
     torch.cuda.cudart().cudaHostUnregister(v.data_ptr())
     return rows
-
-
-def ring_row(q, k, v, tables, lens, cfg: KCacheConfig, select_ms: float) -> dict:
-    """The whole op with recent-V rings (recent_steps 3) over steps whose selections repeat, as a static query over
-    a growing sequence gives: the gather's time when (nearly) every row comes from the device ring."""
-    batch, dev = q.shape[0], q.device
-    cfg = cfg.model_copy(update={"recent_steps": 3})
-    width = (cfg.recent_steps + 1) * cfg.selection_width
-    ring = torch.empty(LAYERS, batch, HKV, 1, width, D, device=dev, dtype=torch.bfloat16)
-    tags = torch.full(ring.shape[:-1], -1, device=dev, dtype=torch.int32)
-    own = torch.arange(batch, device=dev, dtype=torch.int32)
-    hits = torch.zeros(LAYERS, batch, device=dev, dtype=torch.int32)
-    step_lens = lens - 32  # room for the steps the timing runs: one more token each
-
-    def step():
-        step_lens.add_(1)
-        for l in range(LAYERS):
-            td.kcache_decode(q, k[l], v[l], tables, step_lens, cfg, recent=(ring[l], tags[l], own, hits[l]))
-
-    total = per_step_ms(step)
-    steps = int(step_lens[0] - lens[0]) + 32  # steps that ran (the call captured into the graph did not)
-    share = hits.sum().item() / (LAYERS * batch * HKV * cfg.budget * steps)
-    row = {"rings": True, "ring_share": share, "total_ms": total, "gather_ms": total - select_ms}
-    print(json.dumps(row), flush=True)
-    return row
 
 
 def full_row(batch: int, context: int) -> dict:

@@ -78,7 +78,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
 def kcache_config_from_args(args):
     from kcache.config import KCacheConfig
 
-    names = ("top_n", "selection", "renormalize", "dense_layers", "sink_tokens", "recent_tokens", "recent_steps")
+    names = ("top_n", "selection", "renormalize", "dense_layers", "sink_tokens", "recent_tokens")
     return KCacheConfig(**{n: getattr(args, n) for n in names if getattr(args, n) is not None})
 
 

@@ -30,10 +30,6 @@ class KCacheConfig(_Frozen):
     dense_layers: int = Field(0, ge=0, description="the first L layers keep a full KV cache on the device")
     sink_tokens: int = Field(0, ge=0, description="first tokens always selected, on top of top_n")
     recent_tokens: int = Field(0, ge=0, description="last tokens always selected, on top of top_n")
-    recent_steps: int = Field(
-        3, ge=0, description="GPU: keep on the device the V rows each sequence's last R steps selected, and read "
-        "rows selected again from there instead of host memory (0: off)",
-    )
 
     @model_validator(mode="after")
     def _check(self) -> "KCacheConfig":

@@ -105,8 +105,6 @@ def print_stats(engine, out, seconds: float) -> None:
         ("host V bytes", f"{_held(engine, out, 'host'):,}"),
         ("attention mass kept", f"mean {m['mass_kept_mean']:.4f}, min {m['mass_kept_min']:.4f}"),
         ("V bytes read from host", f"{m['v_bytes_read']:,}"),
-        *([("V bytes from rings", f"{m['v_bytes_from_rings']:,} (recent-V rings on the device)")]
-          if getattr(engine.cache, "recent_slots", 0) else []),
         ("pool capacity", f"{mem['pool_tokens']} tokens"),
         ("total seconds", f"{seconds:.2f}"),
     ]

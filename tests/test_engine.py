@@ -194,20 +194,6 @@ def test_block_tables_grow_and_map_positions_to_slots(llama):
     assert tables.shape == (2, 100) and tables[0].tolist() == shuffled and tables[1].tolist() == [5] + [0] * 99
 
 
-def test_recent_rings_follow_the_sequences_that_decode():
-    """A decoding sequence keeps its ring; one that misses a decode step gives it back, and a ring handed out
-    again is reported for clearing. Sequences past the rings' number get none."""
-    from kcache.engine.model_runner import RecentSlots
-
-    a, b, c, d = (Sequence(str(i), [1], GREEDY) for i in range(4))
-    rings = RecentSlots(2)
-    assert rings.assign([a, b, c]) == ([0, 1, -1], [0, 1])
-    assert rings.assign([a, b, c]) == ([0, 1, -1], [])
-    assert rings.assign([b, c]) == ([1, 0], [0])  # a left: its ring is cleared for c
-    assert rings.assign([d, b]) == ([0, 1], [0])
-    assert RecentSlots(0).assign([a, b]) == ([-1, -1], [])
-
-
 def test_incremental_decoder_matches_whole_decode(smollm2_tokenizer):
     from kcache.engine.detokenize import IncrementalDecoder
 

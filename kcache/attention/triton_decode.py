@@ -11,8 +11,7 @@ KCache decode runs four launches (a merge level more for very long contexts):
   scores  K tiles -> scaled logits [B, Hkv, G, L] + per-split (max, sum-exp), so the softmax is exact
   rank    logits -> probabilities -> ranks (group sum or per head, sinks/recent forced) -> each chunk's top N
   merge   top N of the chunks' candidates (bitonic top-k in registers) -> positions [B, Hkv, 1|G, N]
-  gather  the selected V rows straight from pinned host memory (UVA), weighted sum, renormalisation; rows
-          that the sequence's last steps selected too come from a small device ring instead (recent_steps)
+  gather  the selected V rows straight from pinned host memory (UVA), weighted sum, renormalisation
 """
 from __future__ import annotations
 
@@ -220,36 +219,16 @@ def _merge_top_kernel(cand, out, C, NP: tl.constexpr, FAN: tl.constexpr):
 
 
 @triton.jit
-def _ring_lookup(tags, base, pos, valid, write_seg, has_ring, CHUNK: tl.constexpr, W: tl.constexpr,
-                 NP: tl.constexpr, RT: tl.constexpr):
-    """Index [CHUNK] of each position in its sequence's recent-V ring (-1: not there). The segment this step
-    writes is skipped, so no row is read here that this program overwrites."""
-    hit = tl.full([CHUNK], -1, tl.int32)
-    for r in range(0, W, RT):
-        t = r + tl.arange(0, RT)
-        tag = tl.load(tags + base + t, mask=has_ring & (t // NP != write_seg), other=-1)
-        match = (pos[:, None] == tag[None, :]) & valid[:, None]
-        hit = tl.maximum(hit, tl.max(tl.where(match, t[None, :], -1), 1))
-    return hit
-
-
-@triton.jit
 def _gather_kernel(
-    keys, logits, m_in, l_in, v_cache, block_tables, lengths, out, mass, ring, tags, ring_of, hits, max_blocks, S, L, n,
+    keys, logits, m_in, l_in, v_cache, block_tables, lengths, out, mass, max_blocks, S, L, n,
     HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BS: tl.constexpr, BG: tl.constexpr,
     SP: tl.constexpr, NP: tl.constexpr, CHUNK: tl.constexpr, GROUP: tl.constexpr, RENORM: tl.constexpr,
-    SEGS: tl.constexpr,
 ):
     """Weighted sum of one selection's V rows, read in place from the (host) pool.
 
     group: selection sel = 0 serves all G heads of the KV head; head: selection sel serves query head sel.
     keys [B, Hkv, 1|G, NP] hold the selected positions in their low 32 bits (-1: none). CHUNK rows are loaded
     as one tile, so that all of a chunk's PCIe reads are in flight at once.
-    SEGS > 0: the sequence's ring (ring [slots, Hkv, 1|G, SEGS * NP, D], row ring_of[b]) holds the rows its last
-    SEGS - 1 steps selected, their positions in tags (-1: empty); rows found there are read from the device instead
-    of the host, and this step's selection replaces the oldest segment. A V row never changes while its sequence lives,
-    and a ring is cleared before it serves another sequence, so a tag always names the row it holds. The rows
-    read from a ring are counted into hits [B].
     """
     b, h, sel = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     bh = b * HKV + h
@@ -260,11 +239,6 @@ def _gather_kernel(
     mine = (g < G) if GROUP else (g == sel)  # [BG] query heads served here
     acc = tl.zeros([BG, D], tl.float32)
     kept = tl.zeros([BG], tl.float32)
-    if SEGS > 0:
-        own = tl.load(ring_of + b)  # -1: this sequence has no ring
-        has_ring = own >= 0
-        base = ((own.to(tl.int64) * HKV + h) * tl.num_programs(2) + sel) * (SEGS * NP)
-        write_seg = length % SEGS  # lengths grow by one each decode step: the segments take turns
     for c in range(0, n, CHUNK):
         j = c + tl.arange(0, CHUNK)
         key = tl.load(keys + (bh * tl.num_programs(2) + sel) * NP + j, mask=j < n, other=-1)
@@ -274,18 +248,7 @@ def _gather_kernel(
                     other=float("-inf"))
         w = tl.exp(x - top[:, None]) / z[:, None]  # [BG, CHUNK] exact softmax weights of the kept tokens
         rows = _kv_rows(block_tables + b * max_blocks, pos, valid, BS, HKV, h)
-        if SEGS > 0:
-            hit = _ring_lookup(tags, base, pos, valid, write_seg, has_ring, CHUNK, SEGS * NP, NP, 64)
-            near = hit >= 0
-            v_near = tl.load(ring + (base + hit)[:, None] * D + d[None, :], mask=near[:, None], other=0.0)
-            v_far = tl.load(v_cache + rows[:, None] * D + d[None, :], mask=(valid & ~near)[:, None], other=0.0)
-            v = tl.where(near[:, None], v_near, v_far)  # [CHUNK, D]
-            tl.atomic_add(hits + b, tl.sum(near.to(tl.int32), 0))
-            slot = base + write_seg * NP + j
-            tl.store(ring + slot[:, None] * D + d[None, :], v, mask=(has_ring & (j < NP))[:, None])
-            tl.store(tags + slot, tl.where(valid, pos, -1), mask=has_ring & (j < NP))
-        else:
-            v = tl.load(v_cache + rows[:, None] * D + d[None, :], mask=valid[:, None], other=0.0)  # [CHUNK, D]
+        v = tl.load(v_cache + rows[:, None] * D + d[None, :], mask=valid[:, None], other=0.0)  # [CHUNK, D]
         acc += tl.dot(w, v.to(tl.float32), input_precision="ieee")  # float32 like the reference
         kept += tl.sum(w, 1)
     if RENORM:
@@ -357,37 +320,32 @@ def _select(logits, m, l, lengths, cfg: KCacheConfig):
     return cand.view(B, Hkv, rows // (B * Hkv), NP)
 
 
-def _gather(keys, logits, m, l, v_cache, block_tables, lengths, cfg: KCacheConfig, out_dtype, recent):
+def _gather(keys, logits, m, l, v_cache, block_tables, lengths, cfg: KCacheConfig, out_dtype):
     """Weighted sums of the selected V rows -> (out [B, H, D], mass [B, H] float32)."""
     B, Hkv, G, L = logits.shape
     nsel, NP = keys.shape[2], keys.shape[3]
     D, bs = v_cache.shape[-1], v_cache.shape[1]
     out = torch.empty(B, Hkv * G, D, dtype=out_dtype, device=logits.device)
     mass = torch.empty(B, Hkv * G, dtype=torch.float32, device=logits.device)
-    ring, tags, ring_of, hits = recent if recent is not None else (v_cache, lengths, lengths, lengths)
-    segs = tags.shape[-1] // NP if recent is not None else 0
     _gather_kernel[(B, Hkv, nsel)](
-        keys, logits, m, l, v_cache, block_tables, lengths, out, mass, ring, tags, ring_of, hits,
+        keys, logits, m, l, v_cache, block_tables, lengths, out, mass,
         block_tables.shape[1], m.shape[-1], L, cfg.budget, HKV=Hkv, G=G, D=D, BS=bs, BG=_pad_rows(G),
         SP=triton.next_power_of_2(m.shape[-1]), NP=NP, CHUNK=min(NP, GATHER_ROWS), GROUP=cfg.selection == "group",
-        RENORM=cfg.renormalize, SEGS=segs, num_warps=4,
+        RENORM=cfg.renormalize, num_warps=4,
     )
     return out, mass
 
 
-def kcache_decode(q, k_cache, v_cache, block_tables, lengths, cfg: KCacheConfig, scale=None, recent=None):
+def kcache_decode(q, k_cache, v_cache, block_tables, lengths, cfg: KCacheConfig, scale=None):
     """KCache decode over paged pools: q [B, H, D] -> (out [B, H, D], mass_kept [B, H] float32).
 
     k_cache lives on the GPU; v_cache may be a pinned (or cudaHostRegister-ed) CPU tensor, read in place.
-    recent: optional device copies of the V rows each sequence's last steps selected: (rings [slots, ...] of
-    kcache.cache.kv.recent_shape, their tags int32 [slots, ...] (that shape less D), each sequence's ring [B] int32
-    (-1: none), a counter [B] int32 that each sequence's rows read from its ring are added to).
     """
     D = q.shape[-1]
     scale = scale if scale is not None else 1.0 / math.sqrt(D)
     logits, m, l = _scores(q, k_cache, block_tables, lengths, scale)
     keys = _select(logits, m, l, lengths, cfg)
-    return _gather(keys, logits, m, l, v_cache, block_tables, lengths, cfg, q.dtype, recent)
+    return _gather(keys, logits, m, l, v_cache, block_tables, lengths, cfg, q.dtype)
 
 
 @triton.jit

@@ -153,15 +153,7 @@ def summarize(engine, finished, elapsed: float) -> dict:
         "host_pool_bytes": mem["host_pool_bytes"],
         "device_peak_bytes": torch.cuda.max_memory_allocated() if engine.device.type == "cuda" else None,
         "mass_kept_mean": sum(o.metrics["mass_kept_mean"] for o in finished) / len(finished),
-        "v_share_from_rings": _ring_share(finished),
     }
-
-
-def _ring_share(finished) -> float | None:
-    """Share of the selected V bytes that the recent-V rings served from the device (None: nothing selected)."""
-    ring = sum(o.metrics.get("v_bytes_from_rings", 0) for o in finished)
-    total = ring + sum(o.metrics.get("v_bytes_read", 0) for o in finished)
-    return ring / total if total else None
 
 
 def _tokens_per_s(steps) -> float:
@@ -183,7 +175,7 @@ def print_table(results: dict[str, dict], ratio: dict | None) -> None:
             "full_batch_decode_tokens_per_s",
             "mean_decode_batch", "mean_ttft_s", "p50_ttft_s", "p99_ttft_s",
             "mean_tpot_s", "p50_tpot_s", "p99_tpot_s", "max_concurrent_seqs", "preemptions", "pool_tokens",
-            "device_pool_bytes", "host_pool_bytes", "mass_kept_mean", "v_share_from_rings"]
+            "device_pool_bytes", "host_pool_bytes", "mass_kept_mean"]
     modes = list(results)
     width = max(map(len, rows)) + 2
     header = f"{'metric':<{width}}" + "".join(f"{m:>16}" for m in modes) + (f"{'kcache/full':>14}" if ratio else "")

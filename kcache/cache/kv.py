@@ -34,7 +34,6 @@ class StepBatch:
     chunk_lens: tuple[int, ...] = ()
     context_lens: tuple[int, ...] = ()
     shared_table: bool = False
-    recent_slots: torch.Tensor | None = None  # [B] int32: each sequence's recent-V ring (-1: none); KCache on GPU
 
 
 def host_empty(shape, dtype, device: torch.device) -> torch.Tensor:
@@ -46,23 +45,6 @@ def host_empty(shape, dtype, device: torch.device) -> torch.Tensor:
         if int(err) != 0:
             raise RuntimeError(f"cudaHostRegister of {t.numel() * t.element_size()} bytes failed: {err}")
     return t
-
-
-def recent_shape(kcfg: KCacheConfig, cfg: ModelConfig, slots: int) -> tuple[int, ...]:
-    """KCache's recent-V rings of one layer, [slots, Hkv, 1|G, (recent_steps + 1) * width, D]: per sequence and
-    selection, the V rows its last recent_steps steps selected plus a segment for this step's (kernel docstring in
-    kcache.attention.triton_decode). Their int32 tags have the same shape without D."""
-    nsel = 1 if kcfg.selection == "group" else cfg.num_heads // cfg.num_kv_heads
-    return slots, cfg.num_kv_heads, nsel, (kcfg.recent_steps + 1) * kcfg.selection_width, cfg.head_dim
-
-
-def recent_bytes_per_slot(kcfg: KCacheConfig, cfg: ModelConfig, dtype: torch.dtype) -> int:
-    """Device bytes of one sequence's rings over the layers whose V is in host memory (0: no rings)."""
-    if kcfg.recent_steps == 0 or kcfg.selection == "random":
-        return 0
-    _, kv_heads, nsel, rows, d = recent_shape(kcfg, cfg, 1)
-    per_layer = kv_heads * nsel * rows * (d * torch.empty((), dtype=dtype).element_size() + 4)
-    return (cfg.num_layers - min(kcfg.dense_layers, cfg.num_layers)) * per_layer
 
 
 class PagedKVCache:
@@ -182,12 +164,9 @@ class FullKV(PagedKVCache):
 
 class KCache(PagedKVCache):
     """K on the device; V in host memory except for the first `dense_layers` layers; top-N decode.
-
-    On a GPU, `recent_slots` sequences at a time also get device rings of the V rows their last steps selected
-    (`recent_shape`); the model runner hands the slots out and says which to clear (`reset_recent`).
     """
 
-    def __init__(self, cfg, num_blocks, block_size, dtype, device, kcfg: KCacheConfig, recent_slots: int = 0):
+    def __init__(self, cfg, num_blocks, block_size, dtype, device, kcfg: KCacheConfig):
         super().__init__(cfg, num_blocks, block_size, dtype, device)
         self.kcfg = kcfg  # may be replaced between steps (the evaluation sweeps it over one prefilled cache)
         self.dense = min(kcfg.dense_layers, cfg.num_layers)  # layers whose V pool is on the device
@@ -195,32 +174,6 @@ class KCache(PagedKVCache):
         self.v_dense = torch.empty((self.dense, *shape), dtype=dtype, device=self.device)
         self.v_host = host_empty((cfg.num_layers - self.dense, *shape), dtype, self.device)
         self._mass_buffer: torch.Tensor | None = None
-        self._hits_buffer: torch.Tensor | None = None
-        self.recent_v = self.recent_pos = None
-        self.recent_hits: torch.Tensor | None = None  # [layers, B] int32: rows read from the rings in the last step
-        if recent_slots and recent_bytes_per_slot(kcfg, cfg, dtype) and self.device.type == "cuda":
-            ring = (len(self.v_host), *recent_shape(kcfg, cfg, recent_slots))
-            self.recent_v = torch.empty(ring, dtype=dtype, device=self.device)
-            self.recent_pos = torch.full(ring[:-1], -1, dtype=torch.int32, device=self.device)
-
-    @property
-    def recent_slots(self) -> int:
-        """Sequences that can hold a recent-V ring at once (0: none)."""
-        return 0 if self.recent_v is None else self.recent_v.shape[1]
-
-    def reset_recent(self, slots: list[int]) -> None:
-        """Empty these rings before they serve new sequences (outside CUDA graphs)."""
-        if slots:
-            self.recent_pos[:, slots] = -1
-
-    def _recent(self, layer: int, batch: StepBatch):
-        """This layer's rings for the kernel, unless there are none or kcfg changed their shape since."""
-        if self.recent_v is None or batch.recent_slots is None or self.kcfg.selection == "random":
-            return None
-        if self.recent_v.shape[1:] != recent_shape(self.kcfg, self.cfg, self.recent_slots):
-            return None
-        i = layer - self.dense
-        return self.recent_v[i], self.recent_pos[i], batch.recent_slots, self.recent_hits[layer]
 
     def close(self) -> None:
         """Unregister the host pool before its memory goes back to the OS; a stale registration would make a
@@ -240,24 +193,16 @@ class KCache(PagedKVCache):
     def device_bytes_per_token(self) -> int:
         return (self.cfg.num_layers + self.dense) * self._row_bytes()
 
-    def device_bytes(self) -> int:
-        rings = 0 if self.recent_v is None else self.recent_v.nbytes + self.recent_pos.nbytes
-        return super().device_bytes() + rings
-
     def host_bytes_per_token(self) -> int:
         return (self.cfg.num_layers - self.dense) * self._row_bytes()
 
     def begin_decode(self, batch_size: int) -> None:
-        """Fresh per-layer records of the mass kept, [layers, B, H] (1.0 for exact layers), and of the V rows read
-        from the recent-V rings, [layers, B]. One buffer each, grown when needed, so that a captured CUDA graph
-        keeps writing where the engine reads."""
+        """A fresh per-layer record of the mass kept, [layers, B, H] (1.0 for exact layers). One buffer, grown when
+        needed, so that a captured CUDA graph keeps writing where the engine reads."""
         if self._mass_buffer is None or self._mass_buffer.shape[1] < batch_size:
             self._mass_buffer = torch.ones(self.cfg.num_layers, batch_size, self.cfg.num_heads, device=self.device)
-            self._hits_buffer = torch.zeros(self.cfg.num_layers, batch_size, dtype=torch.int32, device=self.device)
         self.mass = self._mass_buffer[:, :batch_size]
         self.mass.fill_(1.0)
-        self.recent_hits = self._hits_buffer[:, :batch_size]
-        self.recent_hits.zero_()
 
     @property
     def exact_layers(self) -> int:
@@ -272,9 +217,7 @@ class KCache(PagedKVCache):
         if self._exact(layer):
             return self.ops.full_decode(q, kc, vc, batch.block_tables, batch.lengths)
         ops = reference if self.kcfg.selection == "random" else self.ops  # the baseline has no kernel
-        args = (q, kc, vc, batch.block_tables, batch.lengths, self.kcfg)
-        recent = self._recent(layer, batch)
-        out, mass = ops.kcache_decode(*args, recent=recent) if recent else ops.kcache_decode(*args)
+        out, mass = ops.kcache_decode(q, kc, vc, batch.block_tables, batch.lengths, self.kcfg)
         if self.mass is not None:
             self.mass[layer].copy_(mass)
         return out
@@ -297,8 +240,7 @@ class KCache(PagedKVCache):
         return (self.cfg.num_layers - self.exact_layers) * per_layer * min(self.kcfg.budget, length)
 
 
-def make_cache(cfg: EngineConfig, model: ModelConfig, num_blocks: int, dtype: torch.dtype, device: torch.device,
-               recent_slots: int = 0) -> PagedKVCache:
+def make_cache(cfg: EngineConfig, model: ModelConfig, num_blocks: int, dtype: torch.dtype, device: torch.device) -> PagedKVCache:
     """The cache `cfg.cache` names, for `model` (one rank's shard under TP: its KV heads only)."""
     args = (model, num_blocks, cfg.block_size, dtype, device)
-    return FullKV(*args) if cfg.cache == "full" else KCache(*args, cfg.kcache, recent_slots)
+    return FullKV(*args) if cfg.cache == "full" else KCache(*args, cfg.kcache)

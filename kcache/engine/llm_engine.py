@@ -197,22 +197,18 @@ class LLMEngine:
 
     def _decode_summary(self, batch: int) -> tuple[torch.Tensor, ...]:
         """Per sequence, the sum and minimum of this step's mass kept over approximate layers and heads (rank 0's
-        heads under TP), and the V rows read from recent-V rings if there are any, still on the device: they come
-        back with the sampled tokens."""
+        heads under TP), still on the device: they come back with the sampled tokens."""
         if not isinstance(self.cache, KCache) or self.cache.exact_layers >= self.model_config.num_layers:
             return ()
         m = self.cache.mass[self.cache.exact_layers:, :batch]  # [L', B, H]
-        rings = (self.cache.recent_hits[:, :batch].sum(0),) if self.cache.recent_slots else ()
-        return m.sum((0, 2)), m.amin((0, 2)), *rings
+        return m.sum((0, 2)), m.amin((0, 2))
 
     def _record_decode_stats(self, seqs: list[Sequence], stats: list[list[float]]) -> None:
         if not isinstance(self.cache, KCache):
             return
         row_bytes = self.model_config.head_dim * self.cache.v_host.element_size() * self.tp  # every rank alike
-        from_rings = stats[2] if len(stats) > 2 else [0] * len(seqs)
-        for s, ring_rows in zip(seqs, from_rings):
-            s.v_bytes_read += (self.cache.v_rows_read(s.num_tokens) - int(ring_rows)) * row_bytes
-            s.v_bytes_from_rings += int(ring_rows) * row_bytes
+        for s in seqs:
+            s.v_bytes_read += self.cache.v_rows_read(s.num_tokens) * row_bytes
         if not stats:
             return
         per_seq = (self.model_config.num_layers - self.cache.exact_layers) * self.cache.mass.shape[2]
@@ -258,7 +254,6 @@ class LLMEngine:
             "mass_kept_mean": seq.mass_kept_sum / seq.mass_kept_count if seq.mass_kept_count else 1.0,
             "mass_kept_min": seq.mass_kept_min,
             "v_bytes_read": seq.v_bytes_read,
-            "v_bytes_from_rings": seq.v_bytes_from_rings,
         }
 
     def close(self) -> None:

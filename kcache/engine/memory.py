@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kcache.cache.kv import FullKV, StepBatch, recent_bytes_per_slot
+from kcache.cache.kv import FullKV, StepBatch
 from kcache.config import EngineConfig
 from kcache.distributed import comm
 from kcache.models.config import ModelConfig
@@ -16,7 +16,6 @@ from kcache.models.config import ModelConfig
 log = logging.getLogger("kcache")
 
 CPU_DEVICE_POOL_BYTES = 2 << 30  # "device" pool on a CPU-only machine, unless given
-RECENT_SHARE = 16  # KCache's recent-V rings take at most 1/16 of the device cache budget
 
 
 class CacheTooSmallError(ValueError):
@@ -29,7 +28,6 @@ class PoolPlan:
     block_size: int
     device_bytes_per_block: int
     host_bytes_per_block: int
-    recent_slots: int = 0  # sequences that can hold a recent-V ring at once (KCache on a GPU)
 
     @property
     def num_tokens(self) -> int:
@@ -75,8 +73,7 @@ def activation_peak(model, cfg: EngineConfig, dtype: torch.dtype, device: torch.
 def plan_pools(cfg: EngineConfig, model: ModelConfig, dtype: torch.dtype, device: torch.device,
                activation_peak: int, max_model_len: int) -> PoolPlan:
     """Blocks both budgets allow. Host V blocks share the device K blocks' ids, so the smaller count wins; under
-    TP `model` is one rank's shard, and every rank takes the smallest count of all ranks. KCache on a GPU first
-    sets aside up to 1/RECENT_SHARE of the device budget for recent-V rings, one per sequence up to max_num_seqs."""
+    TP `model` is one rank's shard, and every rank takes the smallest count of all ranks."""
     row = model.num_kv_heads * model.head_dim * torch.empty((), dtype=dtype).element_size() * cfg.block_size
     if cfg.cache == "full":
         dev_per_block, host_per_block = 2 * model.num_layers * row, 0
@@ -84,24 +81,22 @@ def plan_pools(cfg: EngineConfig, model: ModelConfig, dtype: torch.dtype, device
         dense = min(cfg.kcache.dense_layers, model.num_layers)
         dev_per_block, host_per_block = (model.num_layers + dense) * row, (model.num_layers - dense) * row
     budget = device_budget(cfg, device, activation_peak)
-    ring = recent_bytes_per_slot(cfg.kcache, model, dtype) if cfg.cache == "kcache" and device.type == "cuda" else 0
-    recent = min(cfg.max_num_seqs, budget // RECENT_SHARE // ring) if ring else 0
-    blocks = (budget - recent * ring) // dev_per_block
+    blocks = budget // dev_per_block
     if host_per_block:
         share = 2 * cfg.tensor_parallel_size  # half the free host memory, split among the ranks
         host = cfg.host_cache_bytes if cfg.host_cache_bytes is not None else available_host_bytes() // share
         blocks = min(blocks, host // host_per_block)
     if cfg.tensor_parallel_size > 1:
-        blocks, recent = comm.min_over_ranks(blocks, device), comm.min_over_ranks(recent, device)
-    plan = PoolPlan(int(blocks), cfg.block_size, dev_per_block, host_per_block, int(recent))
+        blocks = comm.min_over_ranks(blocks, device)
+    plan = PoolPlan(int(blocks), cfg.block_size, dev_per_block, host_per_block)
     if plan.num_tokens < max_model_len:
         raise CacheTooSmallError(
             f"the cache budgets hold {plan.num_tokens} tokens, fewer than one sequence of max_model_len={max_model_len}: "
             "raise the device/host cache budget or lower max_model_len"
         )
     log.info(
-        "cache pools (%s): %d blocks x %d tokens = %d tokens; device %.2f GiB, host %.2f GiB; recent-V rings for %d "
-        "sequences, %.2f GiB", cfg.cache, plan.num_blocks, plan.block_size, plan.num_tokens,
-        plan.num_blocks * dev_per_block / 2**30, plan.num_blocks * host_per_block / 2**30, recent, recent * ring / 2**30,
+        "cache pools (%s): %d blocks x %d tokens = %d tokens; device %.2f GiB, host %.2f GiB", cfg.cache,
+        plan.num_blocks, plan.block_size, plan.num_tokens, plan.num_blocks * dev_per_block / 2**30,
+        plan.num_blocks * host_per_block / 2**30,
     )
     return plan

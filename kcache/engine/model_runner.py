@@ -24,34 +24,9 @@ def build_runner(cfg: EngineConfig, model: LlamaForCausalLM, max_model_len: int,
     lockstep: the activation probe, the pool-size agreement and graph capture hold collectives."""
     p = next(model.parameters())
     plan = plan_pools(cfg, model.config, p.dtype, p.device, activation_peak(model, cfg, p.dtype, p.device), max_model_len)
-    cache = make_cache(cfg, model.config, plan.num_blocks, p.dtype, p.device, plan.recent_slots)
+    cache = make_cache(cfg, model.config, plan.num_blocks, p.dtype, p.device)
     graphs = p.device.type == "cuda" and not cfg.enforce_eager
     return ModelRunner(model, cache, cfg.max_num_seqs, max_model_len, graphs, followers), plan
-
-
-class RecentSlots:
-    """Which decoding sequences hold one of KCache's recent-V rings. A sequence keeps its ring while it decodes
-    step after step; one that misses a decode step (finished, preempted, aborted) gives it back, and a ring is
-    cleared when it is handed out again, so it never serves rows of another sequence (or of a recomputed one)."""
-
-    def __init__(self, n: int):
-        self.free = list(range(n - 1, -1, -1))
-        self.owner: dict[Sequence, int] = {}
-
-    def assign(self, seqs: list[Sequence]) -> tuple[list[int], list[int]]:
-        """(ring per sequence, -1 where none is left; rings handed out now, to be cleared)."""
-        if not self.free and not self.owner:  # no rings at all: nothing to track on the decode path
-            return [-1] * len(seqs), []
-        present = set(seqs)
-        for seq in [s for s in self.owner if s not in present]:
-            self.free.append(self.owner.pop(seq))
-        rings, fresh = [], []
-        for seq in seqs:
-            if seq not in self.owner and self.free:
-                self.owner[seq] = self.free.pop()
-                fresh.append(self.owner[seq])
-            rings.append(self.owner.get(seq, -1))
-        return rings, fresh
 
 
 class ModelRunner:
@@ -64,7 +39,6 @@ class ModelRunner:
         self.model, self.cache, self.followers = model, cache, followers
         self.device, self.block_size = cache.device, cache.block_size
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
-        self.recent = RecentSlots(cache.recent_slots if isinstance(cache, KCache) else 0)
         if use_graphs and self.device.type == "cuda":
             self._capture_graphs(max_num_seqs, -(-max_model_len // self.block_size))
 
@@ -124,17 +98,13 @@ class ModelRunner:
         tables = self._block_tables(seqs)
         pos = np.array([s.num_tokens - 1 for s in seqs])
         slots = tables[np.arange(len(seqs)), pos // self.block_size].astype(np.int64) * self.block_size + pos % self.block_size
-        rings, fresh = self.recent.assign(seqs)
-        return self.run("decode", dict(ids=[s.token_ids[-1] for s in seqs], pos=pos, slots=slots, tables=tables, lens=pos + 1,
-                                       rings=rings, fresh=fresh))
+        return self.run("decode", dict(ids=[s.token_ids[-1] for s in seqs], pos=pos, slots=slots, tables=tables, lens=pos + 1))
 
-    def _decode(self, ids, pos, slots, tables, lens, rings, fresh):
-        if fresh:
-            self.cache.reset_recent(fresh)
+    def _decode(self, ids, pos, slots, tables, lens):
         if self.graphs and len(ids) <= max(self.graphs):
-            return self.model.logits(self._replay(ids, pos, slots, tables, lens, rings))
+            return self.model.logits(self._replay(ids, pos, slots, tables, lens))
         batch = StepBatch(is_prefill=False, slot_mapping=self._tensor(slots), block_tables=self._tensor(tables, torch.int32),
-                          lengths=self._tensor(lens, torch.int32), recent_slots=self._tensor(rings, torch.int32))
+                          lengths=self._tensor(lens, torch.int32))
         if isinstance(self.cache, KCache):
             self.cache.begin_decode(len(ids))
         hidden = self.model(self._tensor(ids), self._tensor(pos), self.cache, batch)
@@ -153,12 +123,11 @@ class ModelRunner:
             "slots": torch.full((n,), scratch * self.block_size, dtype=torch.long, device=self.device),
             "tables": torch.full((n, max_blocks), scratch, dtype=torch.int32, device=self.device),
             "lens": torch.ones(n, dtype=torch.int32, device=self.device),
-            "rings": torch.full((n,), -1, dtype=torch.int32, device=self.device),
         }
         self.scratch = scratch
-        # One pinned host buffer and its device twin carry a step's inputs in one copy: [B, 5 + width] int64 rows
-        # of (id, position, slot, length, recent-V ring, block table).
-        self.staging = torch.empty(n * (5 + max_blocks), dtype=torch.long, pin_memory=True)
+        # One pinned host buffer and its device twin carry a step's inputs in one copy: [B, 4 + width] int64 rows
+        # of (id, position, slot, length, block table).
+        self.staging = torch.empty(n * (4 + max_blocks), dtype=torch.long, pin_memory=True)
         self.staging_dev = torch.empty_like(self.staging, device=self.device)
         self.staged = torch.cuda.Event()
         if isinstance(self.cache, KCache):
@@ -179,11 +148,10 @@ class ModelRunner:
 
     def _static_forward(self, b: int):
         st = self.static
-        batch = StepBatch(is_prefill=False, slot_mapping=st["slots"][:b], block_tables=st["tables"][:b], lengths=st["lens"][:b],
-                          recent_slots=st["rings"][:b])
+        batch = StepBatch(is_prefill=False, slot_mapping=st["slots"][:b], block_tables=st["tables"][:b], lengths=st["lens"][:b])
         return lambda: self.model(st["ids"][:b], st["pos"][:b], self.cache, batch)
 
-    def _replay(self, ids, pos, slots, tables, lens, rings) -> torch.Tensor:
+    def _replay(self, ids, pos, slots, tables, lens) -> torch.Tensor:
         """Fill the static inputs from one pinned host-to-device copy (in a VM each small pageable copy costs about
         a millisecond), pad the batch up to its bucket, replay."""
         B = len(ids)
@@ -191,19 +159,18 @@ class ModelRunner:
         st = self.static
         width = tables.shape[1]
         self.staged.synchronize()  # the previous step's copy has left the buffer
-        host = self.staging[:B * (5 + width)].view(B, 5 + width)
+        host = self.staging[:B * (4 + width)].view(B, 4 + width)
         rows = host.numpy()
-        rows[:, 0], rows[:, 1], rows[:, 2], rows[:, 3], rows[:, 4], rows[:, 5:] = ids, pos, slots, lens, rings, tables
+        rows[:, 0], rows[:, 1], rows[:, 2], rows[:, 3], rows[:, 4:] = ids, pos, slots, lens, tables
         packed = self.staging_dev[:host.numel()].view_as(host)
         packed.copy_(host, non_blocking=True)
         self.staged.record()
-        for i, name in enumerate(("ids", "pos", "slots", "lens", "rings")):
+        for i, name in enumerate(("ids", "pos", "slots", "lens")):
             st[name][:B] = packed[:, i]
         st["tables"][:bucket] = self.scratch
-        st["tables"][:B, :width] = packed[:, 5:]
+        st["tables"][:B, :width] = packed[:, 4:]
         st["slots"][B:bucket] = self.scratch * self.block_size
         st["lens"][B:bucket] = 1
-        st["rings"][B:bucket] = -1
         if isinstance(self.cache, KCache):
             self.cache.begin_decode(bucket)
         graph, hidden = self.graphs[bucket]

@@ -67,7 +67,6 @@ class Sequence:
     mass_kept_count: int = 0
     mass_kept_min: float = 1.0
     v_bytes_read: int = 0  # V bytes the top-N gather read from host memory
-    v_bytes_from_rings: int = 0  # selected V bytes read from the recent-V rings on the device instead
     generator: torch.Generator | None = None  # per-request seed
     stop_text: IncrementalDecoder | None = None  # the completion's text, kept while stop strings are looked for
     # the prompt, copied once for every step's output: slicing a long prompt per sequence per step cost milliseconds
