@@ -117,5 +117,5 @@ def print_stats(engine, out, seconds: float) -> None:
 def _held(engine, out, where: str) -> int:
     """Bytes this request's cache held at the end (its tokens' rows), not the whole preallocated pool."""
     tokens = len(out.prompt_token_ids) + len(out.token_ids)
-    per_token = engine.cache.device_bytes_per_token() if where == "device" else engine.cache.host_bytes_per_token()
+    per_token = engine.cache.spec.device_bytes_per_token if where == "device" else engine.cache.spec.host_bytes_per_token
     return tokens * per_token

@@ -129,15 +129,10 @@ class KCacheLayer(CacheLayerMixin):
         pos = torch.arange(L, device=self.device)
         valid = pos < self.lengths[:, None]  # [B, L]
         slots = torch.arange(B, device=self.device)[:, None] * self.values.shape[1] + pos  # [B, L] rows of V
-        read = pool_v_reader(self.values, slots, q.device)
-
-        def read_v(idx: torch.Tensor) -> torch.Tensor:
-            rows = read(idx)  # [B, Hkv, S, n, D]: the only V this step touches
-            self.stats.v_bytes_read += rows.numel() * rows.element_size()
-            return rows
-
-        out, mass = kcache_attend(q, self.keys[:, :, :L], valid, self.lengths, read_v, self.cfg, scale)
+        read_v = pool_v_reader(self.values, slots, q.device)
+        out, mass, rows = kcache_attend(q, self.keys[:, :, :L], valid, self.lengths, read_v, self.cfg, scale)
         self.stats.add_mass(mass.sum().item(), mass.numel(), mass.min().item())
+        self.stats.v_bytes_read += int(rows.sum()) * self.values.shape[-1] * self.values.element_size()
         return out
 
     def get_seq_length(self) -> int:

@@ -6,7 +6,6 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from kcache.cache.kv import KCache
 from kcache.config import EngineConfig, KCacheConfig, SamplingParams
 from kcache.engine.llm_engine import LLMEngine, RequestOutput
 from kcache.engine.sequence import Sequence
@@ -89,8 +88,5 @@ class LLM:
             eng.blocks.release(seq)
 
     def _mean_mass(self, n: int) -> torch.Tensor:
-        cache = self.engine.cache
-        dense = cache.exact_layers if isinstance(cache, KCache) else cache.cfg.num_layers
-        if dense >= cache.cfg.num_layers:
-            return torch.ones(n)
-        return cache.mass[dense:].mean((0, 2)).cpu()
+        stats = self.engine.cache.decode_stats(n)
+        return torch.ones(n) if stats is None else stats.mass_mean().cpu()

@@ -72,7 +72,7 @@ def test_kcache_decode_matches_float64_spec(cfg, lengths, group, seed):
     Hkv, D, bs = 2, 8, 4
     k, v, bt, lens = random_pools(len(lengths), Hkv, D, bs, lengths, seed)
     q = torch.randn(len(lengths), Hkv * group, D, generator=torch.Generator().manual_seed(seed + 1))
-    out, mass = ref.kcache_decode(q, k, v, bt, lens, cfg)
+    out, mass, *_ = ref.kcache_decode(q, k, v, bt, lens, cfg)
     want_out, want_mass = float64_kcache(q, k, v, bt, lens, cfg)
     torch.testing.assert_close(out.double(), want_out, atol=2e-5, rtol=1e-4)
     torch.testing.assert_close(mass.double(), want_mass, atol=2e-6, rtol=1e-5)
@@ -86,7 +86,7 @@ def test_kcache_equals_full_when_n_covers_length(selection, renormalize, dtype):
     k, v, bt, lens = random_pools(4, 3, 16, 8, lengths, seed=3, dtype=dtype)
     q = torch.randn(4, 9, 16).to(dtype)
     cfg = KCacheConfig(top_n=max(lengths), selection=selection, renormalize=renormalize)
-    out, mass = ref.kcache_decode(q, k, v, bt, lens, cfg)
+    out, mass, *_ = ref.kcache_decode(q, k, v, bt, lens, cfg)
     full = ref.full_decode(q, k, v, bt, lens)
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(out.float(), full.float(), atol=tol, rtol=tol)
@@ -116,8 +116,8 @@ def test_sinks_and_recent_tokens_are_always_selected():
 def test_unrenormalized_output_is_the_kept_mass_times_renormalized():
     k, v, bt, lens = random_pools(2, 2, 8, 4, [30, 25], seed=7)
     q = torch.randn(2, 4, 8)
-    a, mass = ref.kcache_decode(q, k, v, bt, lens, KCacheConfig(top_n=5, renormalize=False))
-    b, mass_b = ref.kcache_decode(q, k, v, bt, lens, KCacheConfig(top_n=5, renormalize=True))
+    a, mass, *_ = ref.kcache_decode(q, k, v, bt, lens, KCacheConfig(top_n=5, renormalize=False))
+    b, mass_b, *_ = ref.kcache_decode(q, k, v, bt, lens, KCacheConfig(top_n=5, renormalize=True))
     torch.testing.assert_close(a, b * mass[..., None], atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(mass, mass_b)
     assert (mass < 1).all() and (mass > 0).all()

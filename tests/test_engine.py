@@ -143,8 +143,8 @@ def test_stats_count_rows_read_and_mass(llama):
     assert out.metrics["v_bytes_read"] == expected
     assert 0 < out.metrics["mass_kept_min"] <= out.metrics["mass_kept_mean"] < 1
     assert isinstance(engine.cache, KCache) and engine.cache.v_host.device.type == "cpu"
-    assert engine.cache.device_bytes_per_token() == (cfg.num_layers + 1) * cfg.num_kv_heads * cfg.head_dim * 4
-    assert engine.cache.host_bytes_per_token() == (cfg.num_layers - 1) * cfg.num_kv_heads * cfg.head_dim * 4
+    assert engine.cache.spec.device_bytes_per_token == (cfg.num_layers + 1) * cfg.num_kv_heads * cfg.head_dim * 4
+    assert engine.cache.spec.host_bytes_per_token == (cfg.num_layers - 1) * cfg.num_kv_heads * cfg.head_dim * 4
 
 
 def test_kcache_stores_v_in_the_host_pool(llama):

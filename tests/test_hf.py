@@ -116,11 +116,11 @@ def test_small_top_n_reports_stats(model, selection):
     stats, c = cache.stats, model.config
     assert stats.decode_steps == NEW - 1  # the first new token comes from prefill
     assert 0 < stats.mass_kept_min <= stats.mass_kept_mean < 1
-    # Each decode step, every sequence reads min(top_n, longest length) rows per KV head (per query head with
-    # "head" selection) in every layer; the longest sequence holds PROMPT + s tokens at step s.
+    # Each decode step, every sequence reads min(top_n, its length) rows per KV head (per query head with "head"
+    # selection) in every layer; a sequence with p pads holds PROMPT - p + s tokens at step s.
     per_kv_head = c.num_attention_heads // c.num_key_value_heads if selection == "head" else 1
-    rows = sum(min(top_n, PROMPT + s) for s in range(1, NEW))
-    rows *= len(pads) * c.num_key_value_heads * per_kv_head * c.num_hidden_layers
+    rows = sum(min(top_n, PROMPT - p + s) for s in range(1, NEW) for p in pads)
+    rows *= c.num_key_value_heads * per_kv_head * c.num_hidden_layers
     assert stats.v_bytes_read == rows * ROW_BYTES
     assert stats.host_bytes == stats.device_bytes  # V on the host, K on the device: same shapes
     assert stats.host_bytes >= len(pads) * (PROMPT + NEW - 1) * c.num_key_value_heads * ROW_BYTES * c.num_hidden_layers

@@ -87,8 +87,8 @@ def test_kcache_decode_matches_reference(dtype, selection, renormalize, sink, re
     cfg = KCacheConfig(top_n=64, selection=selection, renormalize=renormalize, sink_tokens=sink, recent_tokens=recent)
     q, k, v, tables, lens = _case(RAGGED, dtype)
     _poison()
-    out, mass = td.kcache_decode(q, k, v, tables, lens, cfg)
-    want, want_mass = _reference(ref.kcache_decode, q, k, v, tables, lens, cfg)
+    out, mass, *_ = td.kcache_decode(q, k, v, tables, lens, cfg)
+    want, want_mass, _ = _reference(ref.kcache_decode, q, k, v, tables, lens, cfg)
     assert out.shape == q.shape and out.dtype == dtype and out.isfinite().all()
     assert mass.shape == q.shape[:2] and mass.dtype == torch.float32 and mass.isfinite().all()
     assert _rel(out, want) < TOL[dtype]
@@ -101,8 +101,8 @@ def test_kcache_decode_long_context(selection):
     cfg = KCacheConfig(top_n=120, selection=selection, sink_tokens=4, recent_tokens=4)
     q, k, v, tables, lens = _case([40000, 3000], torch.bfloat16)
     _poison()
-    out, mass = td.kcache_decode(q, k, v, tables, lens, cfg)
-    want, want_mass = _reference(ref.kcache_decode, q, k, v, tables, lens, cfg)
+    out, mass, *_ = td.kcache_decode(q, k, v, tables, lens, cfg)
+    want, want_mass, _ = _reference(ref.kcache_decode, q, k, v, tables, lens, cfg)
     assert _rel(out, want) < TOL[torch.bfloat16]
     assert _rel(mass, want_mass) < 1e-5
 
@@ -111,7 +111,7 @@ def test_kcache_decode_long_context(selection):
 def test_top_n_covering_the_length_is_full_attention(selection):
     q, k, v, tables, lens = _case([300, 5, 129], torch.float32)
     _poison()
-    out, mass = td.kcache_decode(q, k, v, tables, lens, KCacheConfig(top_n=300, selection=selection))
+    out, mass, *_ = td.kcache_decode(q, k, v, tables, lens, KCacheConfig(top_n=300, selection=selection))
     assert _rel(out, _reference(ref.full_decode, q, k, v, tables, lens)) < 1e-5
     assert torch.allclose(mass, torch.ones_like(mass), atol=1e-5)
 
@@ -124,10 +124,10 @@ def test_reads_the_host_pool_in_place(v_home):
     slot = int(tables[0, 123 // BS]) * BS + 123 % BS
     k.view(-1, HKV, D)[slot, 0] = (q[0, :G].float().mean(0) * 4).to(k.dtype)
     cfg = KCacheConfig(top_n=16)
-    before, _ = td.kcache_decode(q, k, v, tables, lens, cfg)
+    before, _, *_ = td.kcache_decode(q, k, v, tables, lens, cfg)
     torch.cuda.synchronize()  # the kernel reads the host row when it runs, not when it is launched
     v.view(-1, HKV, D)[slot, 0] += 10.0  # a host write, after the pool was handed to the kernel
-    after, _ = td.kcache_decode(q, k, v, tables, lens, cfg)
+    after, _, *_ = td.kcache_decode(q, k, v, tables, lens, cfg)
     torch.cuda.synchronize()
     assert (after[0, :G] - before[0, :G]).float().abs().min() > 1.0  # the new row was read
     assert torch.equal(after[1], before[1])

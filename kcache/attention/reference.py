@@ -86,7 +86,8 @@ def kcache_attend(q, k, valid, lengths, read_v, cfg: KCacheConfig, scale=None):
     """The KCache math, whatever the cache layout: q [B, H, D], k [B or 1, Hkv, L, D], valid [B, L].
 
     read_v(idx) returns the V rows of positions idx [B, Hkv, S, n] as [B, Hkv, S, n, D] (S = 1 or G); it is
-    the only access to V, so V may live anywhere. Returns (out [B, H, D], mass_kept [B, H] float32).
+    the only access to V, so V may live anywhere. Returns (out [B, H, D], mass_kept [B, H] float32, V rows read
+    [B] int32: selected positions inside the sequence, over heads).
     """
     B, H, D = q.shape
     Hkv = k.shape[1]
@@ -100,7 +101,8 @@ def kcache_attend(q, k, valid, lengths, read_v, cfg: KCacheConfig, scale=None):
         w = w / mass[..., None]
     v = read_v(idx).float()  # [B, Hkv, 1|G, n, D]
     out = torch.matmul(w[..., None, :], v)[..., 0, :]  # [B, Hkv, G, D]
-    return out.reshape(B, H, D).to(q.dtype), mass.reshape(B, H)
+    rows = (idx < lengths.view(-1, 1, 1, 1)).sum((1, 2, 3), dtype=torch.int32)  # [B]
+    return out.reshape(B, H, D).to(q.dtype), mass.reshape(B, H), rows
 
 
 def pool_v_reader(v_cache: torch.Tensor, slots: torch.Tensor, out_device):
@@ -123,7 +125,7 @@ def pool_v_reader(v_cache: torch.Tensor, slots: torch.Tensor, out_device):
 
 
 def kcache_decode(q, k_cache, v_cache, block_tables, lengths, cfg: KCacheConfig, scale=None):
-    """KCache decode over paged pools: q [B, H, D] -> (out [B, H, D], mass_kept [B, H] float32).
+    """KCache decode over paged pools: q [B, H, D] -> (out [B, H, D], mass_kept [B, H] float32, V rows read [B]).
 
     k_cache lives on q's device, v_cache may live in host memory; only the selected V rows are read.
     """

@@ -220,7 +220,7 @@ def _merge_top_kernel(cand, out, C, NP: tl.constexpr, FAN: tl.constexpr):
 
 @triton.jit
 def _gather_kernel(
-    keys, logits, m_in, l_in, v_cache, block_tables, lengths, out, mass, max_blocks, S, L, n,
+    keys, logits, m_in, l_in, v_cache, block_tables, lengths, out, mass, rows_read, max_blocks, S, L, n,
     HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BS: tl.constexpr, BG: tl.constexpr,
     SP: tl.constexpr, NP: tl.constexpr, CHUNK: tl.constexpr, GROUP: tl.constexpr, RENORM: tl.constexpr,
 ):
@@ -228,7 +228,7 @@ def _gather_kernel(
 
     group: selection sel = 0 serves all G heads of the KV head; head: selection sel serves query head sel.
     keys [B, Hkv, 1|G, NP] hold the selected positions in their low 32 bits (-1: none). CHUNK rows are loaded
-    as one tile, so that all of a chunk's PCIe reads are in flight at once.
+    as one tile, so that all of a chunk's PCIe reads are in flight at once. rows_read [B, Hkv, 1|G] counts them.
     """
     b, h, sel = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     bh = b * HKV + h
@@ -239,6 +239,7 @@ def _gather_kernel(
     mine = (g < G) if GROUP else (g == sel)  # [BG] query heads served here
     acc = tl.zeros([BG, D], tl.float32)
     kept = tl.zeros([BG], tl.float32)
+    read = 0
     for c in range(0, n, CHUNK):
         j = c + tl.arange(0, CHUNK)
         key = tl.load(keys + (bh * tl.num_programs(2) + sel) * NP + j, mask=j < n, other=-1)
@@ -251,11 +252,13 @@ def _gather_kernel(
         v = tl.load(v_cache + rows[:, None] * D + d[None, :], mask=valid[:, None], other=0.0)  # [CHUNK, D]
         acc += tl.dot(w, v.to(tl.float32), input_precision="ieee")  # float32 like the reference
         kept += tl.sum(w, 1)
+        read += tl.sum(valid.to(tl.int32), 0)
     if RENORM:
         acc = acc / tl.where(kept > 0, kept, 1.0)[:, None]
     head = bh * G + g
     tl.store(out + head[:, None] * D + d[None, :], acc.to(out.dtype.element_ty), mask=mine[:, None])
     tl.store(mass + head, kept, mask=mine)
+    tl.store(rows_read + bh * tl.num_programs(2) + sel, read)
 
 
 def _shapes(q: torch.Tensor, k_cache: torch.Tensor, block_tables: torch.Tensor):
@@ -321,23 +324,24 @@ def _select(logits, m, l, lengths, cfg: KCacheConfig):
 
 
 def _gather(keys, logits, m, l, v_cache, block_tables, lengths, cfg: KCacheConfig, out_dtype):
-    """Weighted sums of the selected V rows -> (out [B, H, D], mass [B, H] float32)."""
+    """Weighted sums of the selected V rows -> (out [B, H, D], mass [B, H] float32, V rows read [B] int32)."""
     B, Hkv, G, L = logits.shape
     nsel, NP = keys.shape[2], keys.shape[3]
     D, bs = v_cache.shape[-1], v_cache.shape[1]
     out = torch.empty(B, Hkv * G, D, dtype=out_dtype, device=logits.device)
     mass = torch.empty(B, Hkv * G, dtype=torch.float32, device=logits.device)
+    rows = torch.empty(B, Hkv, nsel, dtype=torch.int32, device=logits.device)
     _gather_kernel[(B, Hkv, nsel)](
-        keys, logits, m, l, v_cache, block_tables, lengths, out, mass,
+        keys, logits, m, l, v_cache, block_tables, lengths, out, mass, rows,
         block_tables.shape[1], m.shape[-1], L, cfg.budget, HKV=Hkv, G=G, D=D, BS=bs, BG=_pad_rows(G),
         SP=triton.next_power_of_2(m.shape[-1]), NP=NP, CHUNK=min(NP, GATHER_ROWS), GROUP=cfg.selection == "group",
         RENORM=cfg.renormalize, num_warps=4,
     )
-    return out, mass
+    return out, mass, rows.sum((1, 2), dtype=torch.int32)
 
 
 def kcache_decode(q, k_cache, v_cache, block_tables, lengths, cfg: KCacheConfig, scale=None):
-    """KCache decode over paged pools: q [B, H, D] -> (out [B, H, D], mass_kept [B, H] float32).
+    """KCache decode over paged pools: q [B, H, D] -> (out [B, H, D], mass_kept [B, H] float32, V rows read [B]).
 
     k_cache lives on the GPU; v_cache may be a pinned (or cudaHostRegister-ed) CPU tensor, read in place.
     """

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from kcache.attention import decode_ops, reference
+from kcache.cache.stats import DecodeStats
 from kcache.config import EngineConfig, KCacheConfig
 from kcache.models.config import ModelConfig
 
@@ -47,8 +48,37 @@ def host_empty(shape, dtype, device: torch.device) -> torch.Tensor:
     return t
 
 
+@dataclass(frozen=True)
+class CacheSpec:
+    """Bytes one cached token takes in each pool, over all layers: what sizes the pools and what the caches hold."""
+
+    device_bytes_per_token: int
+    host_bytes_per_token: int
+
+    def device_bytes_per_block(self, block_size: int) -> int:
+        return self.device_bytes_per_token * block_size
+
+    def host_bytes_per_block(self, block_size: int) -> int:
+        return self.host_bytes_per_token * block_size
+
+
+def cache_spec(cfg: EngineConfig, model: ModelConfig, dtype: torch.dtype) -> CacheSpec:
+    """The spec of the cache `cfg.cache` names (under TP `model` is one rank's shard). K of every layer is on the
+    device; V of every layer too for FullKV, and of the first `dense_layers` layers only for KCache."""
+    row = model.num_kv_heads * model.head_dim * torch.empty((), dtype=dtype).element_size()  # one token, one layer
+    if cfg.cache == "full":
+        return CacheSpec(2 * model.num_layers * row, 0)
+    dense = min(cfg.kcache.dense_layers, model.num_layers)
+    return CacheSpec((model.num_layers + dense) * row, (model.num_layers - dense) * row)
+
+
 class PagedKVCache:
-    """Shared storage and prefill; subclasses decide where V lives and how decode reads it."""
+    """Shared storage and prefill; subclasses decide where V lives and how decode reads it.
+
+    The interface the runner and the engine use, the same for both caches: `attend` (per layer, from the model),
+    `plan(batch_size)` before a decode or teacher-forced step, `decode_stats(batch_size)` after it (None when
+    nothing was approximated), `exact_layers`, `use(kcfg)`, `device_bytes()`, `host_bytes()`, `close()`.
+    """
 
     def __init__(self, cfg: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device):
         self.cfg, self.num_blocks, self.block_size = cfg, num_blocks, block_size
@@ -56,7 +86,6 @@ class PagedKVCache:
         self.ops = decode_ops(self.device)
         shape = (cfg.num_layers, num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
         self.k = torch.empty(shape, dtype=dtype, device=self.device)
-        self.mass: torch.Tensor | None = None  # [layers, B, H] mass kept in the last decode step
 
     @property
     def num_tokens(self) -> int:
@@ -68,22 +97,30 @@ class PagedKVCache:
     def close(self) -> None:
         """Give back what the pools hold outside PyTorch's allocators (nothing, unless a subclass registers)."""
 
+    spec: CacheSpec  # set by each subclass
+
     def device_bytes(self) -> int:
         """Bytes of the device pools, allocated once at start."""
-        return self.device_bytes_per_token() * self.num_tokens
+        return self.spec.device_bytes_per_token * self.num_tokens
 
     def host_bytes(self) -> int:
-        return self.host_bytes_per_token() * self.num_tokens
+        return self.spec.host_bytes_per_token * self.num_tokens
 
-    def _row_bytes(self) -> int:
-        """One token's K (or V) in one layer."""
-        return self.cfg.num_kv_heads * self.cfg.head_dim * self.k.element_size()
+    @property
+    def exact_layers(self) -> int:
+        """The first layers that decode exactly (all of them for FullKV)."""
+        return self.cfg.num_layers
 
-    def device_bytes_per_token(self) -> int:
-        raise NotImplementedError
+    def plan(self, batch_size: int) -> None:
+        """Prepare the per-step records for a decode or teacher-forced step of batch_size rows."""
 
-    def host_bytes_per_token(self) -> int:
-        return 0
+    def decode_stats(self, batch_size: int) -> DecodeStats | None:
+        """What the last decode or teacher-forced step measured, per row (None: every layer was exact)."""
+        return None
+
+    def use(self, kcfg: KCacheConfig) -> None:
+        """Decode with another KCache setting from the next step on (KCache only)."""
+        raise ValueError("the full cache has no KCache setting: build the engine with cache='kcache'")
 
     def attend(self, layer: int, q, k, v, batch: StepBatch) -> torch.Tensor:
         """Store this step's K/V [T, Hkv, D], then attend: q [T, H, D] -> [T, H, D]."""
@@ -151,12 +188,10 @@ class FullKV(PagedKVCache):
     def __init__(self, cfg, num_blocks, block_size, dtype, device):
         super().__init__(cfg, num_blocks, block_size, dtype, device)
         self.v = torch.empty_like(self.k)
+        self.spec = cache_spec(EngineConfig(cache="full"), cfg, dtype)
 
     def v_layer(self, layer):
         return self.v[layer]
-
-    def device_bytes_per_token(self) -> int:
-        return 2 * self.cfg.num_layers * self._row_bytes()
 
     def _decode(self, layer, q, kc, vc, batch):
         return self.ops.full_decode(q, kc, vc, batch.block_tables, batch.lengths)
@@ -168,12 +203,15 @@ class KCache(PagedKVCache):
 
     def __init__(self, cfg, num_blocks, block_size, dtype, device, kcfg: KCacheConfig):
         super().__init__(cfg, num_blocks, block_size, dtype, device)
-        self.kcfg = kcfg  # may be replaced between steps (the evaluation sweeps it over one prefilled cache)
+        self.kcfg = kcfg  # replaced only through use()
         self.dense = min(kcfg.dense_layers, cfg.num_layers)  # layers whose V pool is on the device
+        self.spec = cache_spec(EngineConfig(kcache=kcfg), cfg, dtype)
         shape = self.k.shape[1:]
         self.v_dense = torch.empty((self.dense, *shape), dtype=dtype, device=self.device)
         self.v_host = host_empty((cfg.num_layers - self.dense, *shape), dtype, self.device)
-        self._mass_buffer: torch.Tensor | None = None
+        self._mass_buffer: torch.Tensor | None = None  # [layers, B, H] float32
+        self._rows_buffer: torch.Tensor | None = None  # [layers, B] int32: V rows read from the host pool
+        self.mass = self.rows = None  # views of the buffers for the step's batch
 
     def close(self) -> None:
         """Unregister the host pool before its memory goes back to the OS; a stale registration would make a
@@ -190,25 +228,38 @@ class KCache(PagedKVCache):
     def v_layer(self, layer):
         return self.v_dense[layer] if layer < self.dense else self.v_host[layer - self.dense]
 
-    def device_bytes_per_token(self) -> int:
-        return (self.cfg.num_layers + self.dense) * self._row_bytes()
-
-    def host_bytes_per_token(self) -> int:
-        return (self.cfg.num_layers - self.dense) * self._row_bytes()
-
-    def begin_decode(self, batch_size: int) -> None:
-        """A fresh per-layer record of the mass kept, [layers, B, H] (1.0 for exact layers). One buffer, grown when
-        needed, so that a captured CUDA graph keeps writing where the engine reads."""
+    def plan(self, batch_size: int) -> None:
+        """Fresh per-layer records of the mass kept, [layers, B, H] (1.0 for exact layers), and of the V rows read,
+        [layers, B]. One buffer each, grown when needed, so that a captured CUDA graph keeps writing where
+        decode_stats reads."""
         if self._mass_buffer is None or self._mass_buffer.shape[1] < batch_size:
             self._mass_buffer = torch.ones(self.cfg.num_layers, batch_size, self.cfg.num_heads, device=self.device)
-        self.mass = self._mass_buffer[:, :batch_size]
+            self._rows_buffer = torch.zeros(self.cfg.num_layers, batch_size, dtype=torch.int32, device=self.device)
+        self.mass, self.rows = self._mass_buffer[:, :batch_size], self._rows_buffer[:, :batch_size]
         self.mass.fill_(1.0)
+        self.rows.zero_()
+
+    def decode_stats(self, batch_size: int) -> DecodeStats | None:
+        exact = self.exact_layers
+        if exact >= self.cfg.num_layers:
+            return None
+        m = self._mass_buffer[exact:, :batch_size]  # [L', B, H]
+        row_bytes = self.cfg.head_dim * self.v_host.element_size()
+        v_bytes = self._rows_buffer[exact:, :batch_size].sum(0, dtype=torch.float32) * row_bytes
+        return DecodeStats(m.sum((0, 2)), m.amin((0, 2)), v_bytes, m.shape[0] * m.shape[2])
+
+    def use(self, kcfg: KCacheConfig) -> None:
+        """Decode with `kcfg` from the next step on, over the same pools (the evaluation sweeps its methods over one
+        prefilled cache). Layers whose V is on the device must stay exact."""
+        if kcfg.dense_layers < self.dense:
+            raise ValueError(f"this cache keeps V of {self.dense} layers on the device: dense_layers must be at least "
+                             f"{self.dense}, got {kcfg.dense_layers}")
+        self.kcfg = kcfg
 
     @property
     def exact_layers(self) -> int:
-        """The first layers decode exactly: those whose V is on the device, or more if kcfg asks (the evaluation
-        swaps kcfg over one cache); their mass kept is 1 and they read nothing from the host."""
-        return min(self.cfg.num_layers, max(self.dense, self.kcfg.dense_layers))
+        """The first layers decode exactly (their mass kept is 1 and they read nothing from the host)."""
+        return min(self.cfg.num_layers, self.kcfg.dense_layers)
 
     def _exact(self, layer: int) -> bool:
         return layer < self.exact_layers
@@ -217,10 +268,15 @@ class KCache(PagedKVCache):
         if self._exact(layer):
             return self.ops.full_decode(q, kc, vc, batch.block_tables, batch.lengths)
         ops = reference if self.kcfg.selection == "random" else self.ops  # the baseline has no kernel
-        out, mass = ops.kcache_decode(q, kc, vc, batch.block_tables, batch.lengths, self.kcfg)
+        out, mass, rows = ops.kcache_decode(q, kc, vc, batch.block_tables, batch.lengths, self.kcfg)
+        self._record(layer, mass, rows)
+        return out
+
+    def _record(self, layer: int, mass: torch.Tensor, rows: torch.Tensor) -> None:
+        """Keep the layer's mass kept [B, H] and V rows read [B] for decode_stats (when the step was planned)."""
         if self.mass is not None:
             self.mass[layer].copy_(mass)
-        return out
+            self.rows[layer].copy_(rows)
 
     def _score(self, layer, q, kc, vc, batch):
         if self._exact(layer):
@@ -230,14 +286,9 @@ class KCache(PagedKVCache):
         k = kc.view(-1, Hkv, D)[slots].transpose(1, 2)  # [1, Hkv, L, D]: one copy of K for every row
         valid = torch.arange(slots.shape[1], device=q.device)[None, :] < batch.lengths[:, None]  # [T, L]
         read_v = reference.pool_v_reader(vc, slots, q.device)
-        out, mass = reference.kcache_attend(q, k, valid, batch.lengths, read_v, self.kcfg)
-        self.mass[layer].copy_(mass)
+        out, mass, rows = reference.kcache_attend(q, k, valid, batch.lengths, read_v, self.kcfg)
+        self._record(layer, mass, rows)
         return out
-
-    def v_rows_read(self, length: int) -> int:
-        """V rows one sequence of `length` cached tokens reads from the host per decode step."""
-        per_layer = self.cfg.num_heads if self.kcfg.selection == "head" else self.cfg.num_kv_heads
-        return (self.cfg.num_layers - self.exact_layers) * per_layer * min(self.kcfg.budget, length)
 
 
 def make_cache(cfg: EngineConfig, model: ModelConfig, num_blocks: int, dtype: torch.dtype, device: torch.device) -> PagedKVCache:

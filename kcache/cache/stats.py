@@ -3,6 +3,24 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+import torch
+
+
+@dataclass
+class DecodeStats:
+    """What one decode (or teacher-forced) step measured, per row of the batch, as the cache returns it: still on
+    the device, so that the sampler fetches it in its one copy. FullKV, and KCache with every layer exact, return
+    None instead."""
+
+    mass_sum: torch.Tensor  # [B] float32: mass kept, summed over the approximated layers and this rank's heads
+    mass_min: torch.Tensor  # [B] float32: its minimum over those layers and heads
+    v_bytes: torch.Tensor  # [B] float32: V bytes this rank read from host memory (counted by the attention op)
+    samples: int  # (layer, head) pairs summed into mass_sum per row
+
+    def mass_mean(self) -> torch.Tensor:
+        """[B] mean mass kept per row."""
+        return self.mass_sum / self.samples
+
 
 @dataclass
 class CacheStats:
@@ -19,6 +37,12 @@ class CacheStats:
     @property
     def mass_kept_mean(self) -> float:
         return self.mass_kept_sum / self.mass_kept_count if self.mass_kept_count else 1.0
+
+    def add_step(self, mass_sum: float, samples: int, mass_min: float, v_bytes: int) -> None:
+        """Account one decode step of one sequence (DecodeStats fetched to the host)."""
+        self.decode_steps += 1
+        self.add_mass(mass_sum, samples, mass_min)
+        self.v_bytes_read += v_bytes
 
     def add_mass(self, total: float, count: int, minimum: float) -> None:
         self.mass_kept_sum += total

@@ -8,7 +8,6 @@ from typing import Callable
 
 import torch
 
-from kcache.cache.kv import KCache
 from kcache.config import EngineConfig, SamplingParams
 from kcache.distributed import comm, sharding
 from kcache.distributed.worker import Workers
@@ -197,25 +196,21 @@ class LLMEngine:
 
     def _decode_summary(self, batch: int) -> tuple[torch.Tensor, ...]:
         """Per sequence, the sum and minimum of this step's mass kept over approximate layers and heads (rank 0's
-        heads under TP), still on the device: they come back with the sampled tokens."""
-        if not isinstance(self.cache, KCache) or self.cache.exact_layers >= self.model_config.num_layers:
+        heads under TP) and the V bytes read, still on the device: they come back with the sampled tokens."""
+        stats = self.cache.decode_stats(batch)
+        if stats is None:
             return ()
-        m = self.cache.mass[self.cache.exact_layers:, :batch]  # [L', B, H]
-        return m.sum((0, 2)), m.amin((0, 2))
+        self._samples = stats.samples
+        return stats.mass_sum, stats.mass_min, stats.v_bytes
 
     def _record_decode_stats(self, seqs: list[Sequence], stats: list[list[float]]) -> None:
-        if not isinstance(self.cache, KCache):
-            return
-        row_bytes = self.model_config.head_dim * self.cache.v_host.element_size() * self.tp  # every rank alike
-        for s in seqs:
-            s.v_bytes_read += self.cache.v_rows_read(s.num_tokens) * row_bytes
         if not stats:
             return
-        per_seq = (self.model_config.num_layers - self.cache.exact_layers) * self.cache.mass.shape[2]
-        for s, total, low in zip(seqs, stats[0], stats[1]):
+        for s, total, low, v_bytes in zip(seqs, *stats):
             s.mass_kept_sum += total
-            s.mass_kept_count += per_seq
+            s.mass_kept_count += self._samples
             s.mass_kept_min = min(s.mass_kept_min, low)
+            s.v_bytes_read += int(v_bytes) * self.tp  # every rank reads as much
 
     def _emit(self, seq: Sequence, new: list[int]) -> RequestOutput:
         out = RequestOutput(

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kcache.cache.kv import FullKV, StepBatch
+from kcache.cache.kv import FullKV, StepBatch, cache_spec
 from kcache.config import EngineConfig
 from kcache.distributed import comm
 from kcache.models.config import ModelConfig
@@ -74,12 +74,8 @@ def plan_pools(cfg: EngineConfig, model: ModelConfig, dtype: torch.dtype, device
                activation_peak: int, max_model_len: int) -> PoolPlan:
     """Blocks both budgets allow. Host V blocks share the device K blocks' ids, so the smaller count wins; under
     TP `model` is one rank's shard, and every rank takes the smallest count of all ranks."""
-    row = model.num_kv_heads * model.head_dim * torch.empty((), dtype=dtype).element_size() * cfg.block_size
-    if cfg.cache == "full":
-        dev_per_block, host_per_block = 2 * model.num_layers * row, 0
-    else:
-        dense = min(cfg.kcache.dense_layers, model.num_layers)
-        dev_per_block, host_per_block = (model.num_layers + dense) * row, (model.num_layers - dense) * row
+    spec = cache_spec(cfg, model, dtype)
+    dev_per_block, host_per_block = spec.device_bytes_per_block(cfg.block_size), spec.host_bytes_per_block(cfg.block_size)
     budget = device_budget(cfg, device, activation_peak)
     blocks = budget // dev_per_block
     if host_per_block:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from kcache.cache.kv import KCache, PagedKVCache, StepBatch, make_cache
+from kcache.cache.kv import PagedKVCache, StepBatch, make_cache
 from kcache.config import EngineConfig
 from kcache.engine.memory import PoolPlan, activation_peak, plan_pools
 from kcache.engine.sequence import Sequence
@@ -105,8 +105,7 @@ class ModelRunner:
             return self.model.logits(self._replay(ids, pos, slots, tables, lens))
         batch = StepBatch(is_prefill=False, slot_mapping=self._tensor(slots), block_tables=self._tensor(tables, torch.int32),
                           lengths=self._tensor(lens, torch.int32))
-        if isinstance(self.cache, KCache):
-            self.cache.begin_decode(len(ids))
+        self.cache.plan(len(ids))
         hidden = self.model(self._tensor(ids), self._tensor(pos), self.cache, batch)
         return self.model.logits(hidden)
 
@@ -130,13 +129,11 @@ class ModelRunner:
         self.staging = torch.empty(n * (4 + max_blocks), dtype=torch.long, pin_memory=True)
         self.staging_dev = torch.empty_like(self.staging, device=self.device)
         self.staged = torch.cuda.Event()
-        if isinstance(self.cache, KCache):
-            self.cache.begin_decode(n)  # allocates the mass buffer at its final size before any capture
+        self.cache.plan(n)  # allocates the mass buffer at its final size before any capture
         pool = None
         with torch.inference_mode():
             for b in reversed(buckets):
-                if isinstance(self.cache, KCache):
-                    self.cache.begin_decode(b)  # the graph records writes into this view of the mass buffer
+                self.cache.plan(b)  # the graph records writes into this view of the mass buffer
                 run = self._static_forward(b)
                 run()  # warm-up: compiles the kernels outside the capture
                 torch.cuda.synchronize()
@@ -171,8 +168,7 @@ class ModelRunner:
         st["tables"][:B, :width] = packed[:, 4:]
         st["slots"][B:bucket] = self.scratch * self.block_size
         st["lens"][B:bucket] = 1
-        if isinstance(self.cache, KCache):
-            self.cache.begin_decode(bucket)
+        self.cache.plan(bucket)
         graph, hidden = self.graphs[bucket]
         graph.replay()
         return hidden[:B]
@@ -189,7 +185,6 @@ class ModelRunner:
     def _score(self, ids, pos, slots, tables, lens):
         batch = StepBatch(is_prefill=False, slot_mapping=self._tensor(slots), block_tables=self._tensor(tables, torch.int32),
                           lengths=self._tensor(lens, torch.int32), shared_table=True)
-        if isinstance(self.cache, KCache):
-            self.cache.begin_decode(len(ids))
+        self.cache.plan(len(ids))
         hidden = self.model(self._tensor(ids), self._tensor(pos), self.cache, batch)
         return self.model.logits(hidden)

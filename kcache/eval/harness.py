@@ -46,7 +46,7 @@ class Harness:
                max_new: int) -> tuple[list[list[int]], list[float]]:
         """Greedy continuations (at most max_new tokens, up to EOS) under `cfg`, each starting with the prompt's
         exact first token; and each one's mean attention mass kept over its decode steps."""
-        self.cache.kcfg = cfg
+        self.cache.use(cfg)
         for s, p, t in zip(seqs, prompts, first):
             s.token_ids, s.num_cached = list(p) + [t], len(p)
         masses: list[list[float]] = [[] for _ in seqs]
@@ -56,6 +56,7 @@ class Harness:
             for s in batch:
                 self._grow(s)
             logits = self.engine.runner.decode(batch)
+            self._rows = len(batch)
             mass = self._mass().tolist()
             for j, i in enumerate(live):
                 seqs[i].num_cached = seqs[i].num_tokens
@@ -69,13 +70,14 @@ class Harness:
               chunk: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
         """Teacher forcing from a sequence prefilled with ids[:prefix_len]: every later token attends as a decode
         step would under `cfg`. Returns (logits [n, V] predicting ids[prefix_len + 1:], mass kept [n])."""
-        self.cache.kcfg = cfg
+        self.cache.use(cfg)
         seq.token_ids, seq.num_cached = list(ids), prefix_len
         self._grow(seq)
         logits, mass = [], []
         while seq.num_cached < len(ids) - 1:
             n = min(chunk, len(ids) - 1 - seq.num_cached)
             logits.append(self.engine.runner.score_chunk(seq, n))
+            self._rows = n
             mass.append(self._mass())
         return torch.cat(logits).cpu(), torch.cat(mass)
 
@@ -90,7 +92,5 @@ class Harness:
 
     def _mass(self) -> torch.Tensor:
         """Mean mass kept in the last step per row [B], over the approximated layers and all heads."""
-        dense = self.cache.exact_layers
-        if dense >= self.num_layers:
-            return torch.ones(self.cache.mass.shape[1])
-        return self.cache.mass[dense:].mean((0, 2)).float().cpu()
+        stats = self.cache.decode_stats(self._rows)
+        return torch.ones(self._rows) if stats is None else stats.mass_mean().float().cpu()
