@@ -6,6 +6,9 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
+MAX_CHUNK_TOKENS = 64  # the decode kernels' K tile: a chunk never spans two tiles
+
+
 class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -30,22 +33,38 @@ class KCacheConfig(_Frozen):
     dense_layers: int = Field(0, ge=0, description="the first L layers keep a full KV cache on the device")
     sink_tokens: int = Field(0, ge=0, description="first tokens always selected, on top of top_n")
     recent_tokens: int = Field(0, ge=0, description="last tokens always selected, on top of top_n")
+    chunk_tokens: int = Field(
+        8, ge=1, le=MAX_CHUNK_TOKENS,
+        description="the unit of selection and of host reads: chunks of this many consecutive tokens of one KV head "
+        "rank by their exact attention mass, and each selected chunk is read as one contiguous piece (a power of "
+        "two dividing block_size; 1: token-level selection, the paper's method)",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> "KCacheConfig":
-        if self.budget < 1:
+        if self.top_n + self.sink_tokens + self.recent_tokens < 1:
             raise ValueError("top_n + sink_tokens + recent_tokens must be at least 1")
+        if self.chunk_tokens & (self.chunk_tokens - 1):
+            raise ValueError(f"chunk_tokens must be a power of two, got {self.chunk_tokens}")
         return self
 
     @property
+    def chunk_budget(self) -> int:
+        """Chunks selected per head (or KV group) per step: top_n rounded up to whole chunks, plus the chunks that
+        can hold the sinks and the recent tokens (r consecutive tokens span at most (r + 2c - 2) // c chunks)."""
+        c = self.chunk_tokens
+        recent = (self.recent_tokens + 2 * c - 2) // c if self.recent_tokens else 0
+        return -(-self.top_n // c) + -(-self.sink_tokens // c) + recent
+
+    @property
     def budget(self) -> int:
-        """V rows read per head (or group) per step, at most."""
-        return self.top_n + self.sink_tokens + self.recent_tokens
+        """V rows read per head (or group) per step, at most: the selected chunks' tokens."""
+        return self.chunk_budget * self.chunk_tokens
 
     @property
     def selection_width(self) -> int:
-        """The budget rounded up to a power of two, at least 16: the width of a selection in the kernels."""
-        return max(16, 1 << (self.budget - 1).bit_length())
+        """The chunk budget rounded up to a power of two, at least 16: the width of a selection in the kernels."""
+        return max(16, 1 << (self.chunk_budget - 1).bit_length())
 
 
 class SamplingParams(_Frozen):
@@ -89,4 +108,7 @@ class EngineConfig(_Frozen):
     def _check(self) -> "EngineConfig":
         if self.max_model_len is not None and self.max_num_batched_tokens < self.block_size:
             raise ValueError("max_num_batched_tokens must be at least block_size")
+        if self.cache == "kcache" and self.block_size % self.kcache.chunk_tokens:
+            raise ValueError(f"block_size ({self.block_size}) must be a multiple of chunk_tokens "
+                             f"({self.kcache.chunk_tokens}): a chunk is read from one block")
         return self

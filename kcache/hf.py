@@ -11,8 +11,9 @@ it sees the mask, and the mask says which new tokens are padding.
 
 Each layer stores its tokens compacted: sequence b holds `lengths[b]` tokens at positions 0..lengths[b]-1 with
 padding dropped, which is the layout `kcache_attend` expects (sink tokens are a sequence's first real tokens, recent
-tokens its last ones). K `[B, Hkv, cap, D]` stays on the model's device, V `[B, cap, Hkv, D]` lives in host memory
-(pinned when the device is CUDA), except in the first `dense_layers` layers, which keep V on the device.
+tokens its last ones). K `[B, Hkv, cap, D]` stays on the model's device, V of the same layout (the engine's pool
+layout, with one block per sequence) lives in host memory (pinned when the device is CUDA), except in the first
+`dense_layers` layers, which keep V on the device.
 """
 from __future__ import annotations
 
@@ -88,7 +89,7 @@ class KCacheLayer(CacheLayerMixin):
         host = self.device if self.dense else torch.device("cpu")
         self.pin = host.type == "cpu" and self.device.type == "cuda"  # pinned, so row reads can be async DMA
         self.keys = key_states.new_zeros(B, Hkv, 0, D)
-        self.values = torch.zeros(B, 0, Hkv, D, dtype=value_states.dtype, device=host)
+        self.values = torch.zeros(B, Hkv, 0, D, dtype=value_states.dtype, device=host)
         self.lengths = torch.zeros(B, dtype=torch.long, device=self.device)  # real tokens stored per sequence
         self.max_len = 0
         self.is_initialized = True
@@ -108,19 +109,19 @@ class KCacheLayer(CacheLayerMixin):
         b, t = valid.nonzero(as_tuple=True)  # the real tokens
         pos = dest[b, t]
         self.keys[b, :, pos] = k[b, :, t]
-        self.values[b.to(self.values.device), pos.to(self.values.device)] = v[b, :, t].to(self.values.device)
+        self.values[b.to(self.values.device), :, pos.to(self.values.device)] = v[b, :, t].to(self.values.device)
 
     def _reserve(self, n: int) -> None:
         cap = self.keys.shape[2]
         if n > cap:  # growing by a quarter keeps copies amortised O(1) per token and the slack under 25%
             cap = max(n, cap + max(256, cap // 4))
             self.keys = _grown(self.keys, 2, cap)
-            self.values = _grown(self.values, 1, cap, self.pin)
+            self.values = _grown(self.values, 2, cap, self.pin)
 
     def past(self, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The first n positions, V brought back in bulk: k, v [B, Hkv, n, D] and valid [B, n] on the device."""
         valid = torch.arange(n, device=self.device) < self.lengths[:, None]
-        v = self.values[:, :n].to(self.device).transpose(1, 2)  # blocking: append overwrites rows past lengths
+        v = self.values[:, :, :n].to(self.device)  # blocking: append overwrites rows past lengths
         return self.keys[:, :, :n], v, valid
 
     def decode(self, q: torch.Tensor, scale: float) -> torch.Tensor:
@@ -128,7 +129,7 @@ class KCacheLayer(CacheLayerMixin):
         B, L = q.shape[0], self.max_len
         pos = torch.arange(L, device=self.device)
         valid = pos < self.lengths[:, None]  # [B, L]
-        slots = torch.arange(B, device=self.device)[:, None] * self.values.shape[1] + pos  # [B, L] rows of V
+        slots = torch.arange(B, device=self.device)[:, None] * self.values.shape[2] + pos  # [B, L] rows of V
         read_v = pool_v_reader(self.values, slots, q.device)
         out, mass, rows = kcache_attend(q, self.keys[:, :, :L], valid, self.lengths, read_v, self.cfg, scale)
         self.stats.add_mass(mass.sum().item(), mass.numel(), mass.min().item())

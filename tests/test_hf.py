@@ -111,7 +111,7 @@ def test_prompt_in_two_chunks_matches_one_pass(model):
 def test_small_top_n_reports_stats(model, selection):
     top_n, pads = 30, (0, 6)
     ids, mask = prompts(pads)
-    cache = KCacheHF(model.config, top_n=top_n, selection=selection)
+    cache = KCacheHF(model.config, top_n=top_n, selection=selection, chunk_tokens=1)
     assert generate(model, ids, mask, cache).shape == (len(pads), NEW)
     stats, c = cache.stats, model.config
     assert stats.decode_steps == NEW - 1  # the first new token comes from prefill
@@ -133,7 +133,7 @@ def test_dense_layers_keep_v_on_device_and_decode_exactly(model):
     assert torch.equal(generate(model, ids, mask, cache), reference(model, ids, mask))
     assert cache.stats.v_bytes_read == 0 and cache.stats.host_bytes == 0
 
-    cache = KCacheHF(model.config, top_n=4, dense_layers=1)
+    cache = KCacheHF(model.config, top_n=4, dense_layers=1, chunk_tokens=1)
     generate(model, ids, mask, cache)
     stats = cache.stats
     assert stats.v_bytes_read == (NEW - 1) * 4 * 2 * model.config.num_key_value_heads * (layers - 1) * ROW_BYTES

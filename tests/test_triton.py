@@ -47,8 +47,8 @@ def _case(lengths, dtype, v_home="pin", spare_blocks=3):
     for b, n in enumerate(need):
         tables[b, :n] = perm[used:used + n].int()
         used += n
-    k = torch.randn(nb, BS, HKV, D, generator=gen).to(dtype)
-    v = torch.randn(nb, BS, HKV, D, generator=gen).to(dtype)
+    k = torch.randn(nb, HKV, BS, D, generator=gen).to(dtype)
+    v = torch.randn(nb, HKV, BS, D, generator=gen).to(dtype)
     q = (2 * torch.randn(len(lengths), HKV * G, D, generator=gen)).to(dtype)  # x2: peakier softmax
     if v_home == "pin":
         v = v.pin_memory()
@@ -83,8 +83,10 @@ def test_full_decode_matches_reference(dtype, lengths):
 @pytest.mark.parametrize("selection", ["group", "head"])
 @pytest.mark.parametrize("renormalize", [True, False])
 @pytest.mark.parametrize("sink,recent", [(0, 0), (4, 8)])
-def test_kcache_decode_matches_reference(dtype, selection, renormalize, sink, recent):
-    cfg = KCacheConfig(top_n=64, selection=selection, renormalize=renormalize, sink_tokens=sink, recent_tokens=recent)
+@pytest.mark.parametrize("chunk", [1, 8, 16])
+def test_kcache_decode_matches_reference(dtype, selection, renormalize, sink, recent, chunk):
+    cfg = KCacheConfig(top_n=64, selection=selection, renormalize=renormalize, sink_tokens=sink, recent_tokens=recent,
+                       chunk_tokens=chunk)
     q, k, v, tables, lens = _case(RAGGED, dtype)
     _poison()
     out, mass, *_ = td.kcache_decode(q, k, v, tables, lens, cfg)
@@ -96,9 +98,10 @@ def test_kcache_decode_matches_reference(dtype, selection, renormalize, sink, re
 
 
 @pytest.mark.parametrize("selection", ["group", "head"])
-def test_kcache_decode_long_context(selection):
-    """40k tokens: 40 ranked chunks, so the top-N merge runs two levels."""
-    cfg = KCacheConfig(top_n=120, selection=selection, sink_tokens=4, recent_tokens=4)
+@pytest.mark.parametrize("chunk", [1, 8])
+def test_kcache_decode_long_context(selection, chunk):
+    """40k tokens: 40 (chunk 1) or 5 (chunk 8) rank programs, so the top-N merge runs two levels or one."""
+    cfg = KCacheConfig(top_n=120, selection=selection, sink_tokens=4, recent_tokens=4, chunk_tokens=chunk)
     q, k, v, tables, lens = _case([40000, 3000], torch.bfloat16)
     _poison()
     out, mass, *_ = td.kcache_decode(q, k, v, tables, lens, cfg)
@@ -108,10 +111,12 @@ def test_kcache_decode_long_context(selection):
 
 
 @pytest.mark.parametrize("selection", ["group", "head"])
-def test_top_n_covering_the_length_is_full_attention(selection):
+@pytest.mark.parametrize("chunk", [1, 4, 16])
+def test_top_n_covering_the_length_is_full_attention(selection, chunk):
     q, k, v, tables, lens = _case([300, 5, 129], torch.float32)
     _poison()
-    out, mass, *_ = td.kcache_decode(q, k, v, tables, lens, KCacheConfig(top_n=300, selection=selection))
+    cfg = KCacheConfig(top_n=300, selection=selection, chunk_tokens=chunk)
+    out, mass, *_ = td.kcache_decode(q, k, v, tables, lens, cfg)
     assert _rel(out, _reference(ref.full_decode, q, k, v, tables, lens)) < 1e-5
     assert torch.allclose(mass, torch.ones_like(mass), atol=1e-5)
 
@@ -121,12 +126,12 @@ def test_reads_the_host_pool_in_place(v_home):
     q, k, v, tables, lens = _case([500, 200], torch.bfloat16, v_home=v_home)
     assert v.device.type == "cpu" and v.is_pinned()
     # Make token 123 of sequence 0 dominate KV head 0, so it is surely selected.
-    slot = int(tables[0, 123 // BS]) * BS + 123 % BS
-    k.view(-1, HKV, D)[slot, 0] = (q[0, :G].float().mean(0) * 4).to(k.dtype)
+    block, offset = int(tables[0, 123 // BS]), 123 % BS
+    k[block, 0, offset] = (q[0, :G].float().mean(0) * 4).to(k.dtype)
     cfg = KCacheConfig(top_n=16)
     before, _, *_ = td.kcache_decode(q, k, v, tables, lens, cfg)
     torch.cuda.synchronize()  # the kernel reads the host row when it runs, not when it is launched
-    v.view(-1, HKV, D)[slot, 0] += 10.0  # a host write, after the pool was handed to the kernel
+    v[block, 0, offset] += 10.0  # a host write, after the pool was handed to the kernel
     after, _, *_ = td.kcache_decode(q, k, v, tables, lens, cfg)
     torch.cuda.synchronize()
     assert (after[0, :G] - before[0, :G]).float().abs().min() > 1.0  # the new row was read
@@ -153,11 +158,11 @@ def test_cuda_graph_replay_matches_eager():
 
 
 def test_store_rows_writes_the_host_pool():
-    pool = torch.randn(10, BS, HKV, D).to(torch.bfloat16).pin_memory()
+    pool = torch.randn(10, HKV, BS, D).to(torch.bfloat16).pin_memory()
     want = pool.clone()
     slots = torch.tensor([3, 150, 17, 42, 159], dtype=torch.int32)
     rows = torch.randn(len(slots), HKV, D).to(torch.bfloat16)
-    want.view(-1, HKV, D)[slots.long()] = rows
+    ref.store_rows(want, rows, slots.long())
     td.store_rows(pool, rows.cuda(), slots.cuda())
     torch.cuda.synchronize()
     assert torch.equal(pool, want)
@@ -166,12 +171,12 @@ def test_store_rows_writes_the_host_pool():
 def test_load_rows_reads_the_host_pool():
     from kcache.cache.kv import host_empty
 
-    for pool in (torch.randn(10, BS, HKV, D).to(torch.bfloat16).pin_memory(),
-                 host_empty((10, BS, 3, 64), torch.float32, torch.device("cuda"))):  # SmolLM2's 3 x 64: not a power of two
+    for pool in (torch.randn(10, HKV, BS, D).to(torch.bfloat16).pin_memory(),
+                 host_empty((10, 3, BS, 64), torch.float32, torch.device("cuda"))):  # SmolLM2's 3 x 64: not a power of two
         pool.copy_(torch.randn(pool.shape))
         slots = torch.tensor([3, 150, 17, 42, 159, 17], dtype=torch.long)
         got = td.load_rows(pool, slots.cuda())
-        assert got.is_cuda and torch.equal(got.cpu(), pool.view(-1, *pool.shape[-2:])[slots])
+        assert got.is_cuda and torch.equal(got.cpu(), ref.rows_at(pool, slots))
         if pool.dtype == torch.float32:
             torch.cuda.synchronize()
             torch.cuda.cudart().cudaHostUnregister(pool.data_ptr())

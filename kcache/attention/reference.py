@@ -1,8 +1,10 @@
 """The attention math in plain PyTorch: the reference every kernel is tested against.
 
-Cache layout (both pools, one layer): `[num_blocks, block_size, kv_heads, head_dim]`; a token's slot is
-`block * block_size + offset`, so `pool.view(-1, kv_heads, head_dim)[slot]` is its row. A sequence's blocks are
-listed in its row of `block_tables` `[batch, max_blocks]` and it holds `lengths[b]` tokens.
+Cache layout (every pool, one layer): `[num_blocks, kv_heads, block_size, head_dim]`. A token's slot is
+`block * block_size + offset`; `rows_at(pool, slots)` gives its rows `[T, kv_heads, D]`. Each (block, KV head)
+holds its block_size tokens contiguously, so a chunk of consecutive tokens of one head is one contiguous read:
+the unit KCache reads from host memory. A sequence's blocks are listed in its row of `block_tables`
+`[batch, max_blocks]` and it holds `lengths[b]` tokens.
 
 Decode (one query token per sequence) is vectorised over batch, heads and tokens; prefill runs per sequence.
 """
@@ -14,6 +16,23 @@ import torch
 import torch.nn.functional as F
 
 from kcache.config import KCacheConfig
+
+
+def rows_at(pool: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """pool [blocks, Hkv, bs, D], slots [...] long on the pool's device -> rows [..., Hkv, D]."""
+    bs = pool.shape[2]
+    return pool[slots // bs, :, slots % bs]
+
+
+def store_rows(pool: torch.Tensor, rows: torch.Tensor, slots: torch.Tensor) -> None:
+    """pool [blocks, Hkv, bs, D] <- rows [T, Hkv, D] at slots [T], wherever the pool lives."""
+    slots = slots.to(pool.device)
+    pool[slots // pool.shape[2], :, slots % pool.shape[2]] = rows.to(pool.device)
+
+
+def load_rows(pool: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """The rows [T, Hkv, D] at slots [T] of a pool anywhere, on the slots' device."""
+    return rows_at(pool, slots.to(pool.device)).to(slots.device)
 
 
 def token_slots(block_tables: torch.Tensor, lengths: torch.Tensor, block_size: int, max_len: int | None = None):
@@ -49,12 +68,11 @@ def _scores(q: torch.Tensor, k: torch.Tensor, valid: torch.Tensor, scale: float)
 
 def full_decode(q, k_cache, v_cache, block_tables, lengths, scale=None):
     """Ordinary attention of one query per sequence over its whole cache: q [B, H, D] -> [B, H, D]."""
-    B, H, D = q.shape
-    _, bs, Hkv, _ = k_cache.shape
+    D = q.shape[-1]
     scale = scale if scale is not None else 1.0 / math.sqrt(D)
-    slots, valid = token_slots(block_tables, lengths, bs)
-    k = k_cache.view(-1, Hkv, D)[slots]  # [B, L, Hkv, D]
-    v = v_cache.view(-1, Hkv, D)[slots]
+    slots, valid = token_slots(block_tables, lengths, k_cache.shape[2])
+    k = rows_at(k_cache, slots)  # [B, L, Hkv, D]
+    v = rows_at(v_cache, slots)
     out = F.scaled_dot_product_attention(
         q[:, :, None, :], k.transpose(1, 2), v.transpose(1, 2),
         attn_mask=valid[:, None, None, :], scale=scale, enable_gqa=True,
@@ -62,63 +80,77 @@ def full_decode(q, k_cache, v_cache, block_tables, lengths, scale=None):
     return out[:, :, 0, :]
 
 
-def select_tokens(p: torch.Tensor, lengths: torch.Tensor, cfg: KCacheConfig) -> torch.Tensor:
-    """Indices of the kept tokens: p [B, Hkv, G, L] -> positions [B, Hkv, 1 or G, n], n = budget capped at L.
+def select_chunks(p: torch.Tensor, lengths: torch.Tensor, cfg: KCacheConfig) -> torch.Tensor:
+    """Indices of the kept chunks of `cfg.chunk_tokens` consecutive tokens: p [B, Hkv, G, L] -> [B, Hkv, 1|G, n],
+    n = chunk_budget capped at the chunks there are.
 
-    `group` ranks tokens by the summed weight of the KV head's query group (one set per KV head), `head` by each
-    query head's own weight, `random` at random (a baseline). Sinks and recent tokens are forced in by ranking
-    them above any weight.
+    A chunk ranks by its exact attention mass: the sum of its tokens' softmax weights, summed over the KV head's
+    query group for `group` (one set per KV head), each query head's own for `head`; `random` ranks at random (a
+    baseline). Chunks holding sinks or recent tokens are forced in by ranking them above any mass; chunks past the
+    sequence rank below every real one.
     """
-    L = p.shape[-1]
-    rank = p if cfg.selection == "head" else p.sum(2, keepdim=True)  # [B, Hkv, 1|G, L]
+    B, Hkv, G, L = p.shape
+    c = cfg.chunk_tokens
+    Lc = -(-L // c)
+    mass = F.pad(p, (0, Lc * c - L)).view(B, Hkv, G, Lc, c).sum(-1)  # [B, Hkv, G, Lc]
+    rank = mass if cfg.selection == "head" else mass.sum(2, keepdim=True)  # [B, Hkv, 1|G, Lc]
     if cfg.selection == "random":
-        rank = torch.rand_like(rank).masked_fill(rank == 0, -1.0)  # never a padding position over a real token
-    if cfg.sink_tokens or cfg.recent_tokens:
-        pos = torch.arange(L, device=p.device)[None]  # [1, L]
-        length = lengths.long()[:, None]  # [B, 1]
-        forced = (pos < cfg.sink_tokens) | ((pos >= length - cfg.recent_tokens) & (pos < length))  # [B, L]
-        rank = rank.masked_fill(forced[:, None, None, :], float(p.shape[2]) + 1.0)  # a rank is at most G
-    n = min(cfg.budget, L)
-    return rank.topk(n, dim=-1, sorted=False).indices
+        rank = torch.rand_like(rank)
+    start = torch.arange(Lc, device=p.device)[None] * c  # [1, Lc] first position of each chunk
+    length = lengths.long()[:, None]  # [B, 1]
+    forced = start < cfg.sink_tokens
+    if cfg.recent_tokens:
+        forced = forced | (start + c > length - cfg.recent_tokens)
+    rank = rank.masked_fill(forced[:, None, None, :], float(G) + 1.0)  # a mass is at most G
+    rank = rank.masked_fill((start >= length)[:, None, None, :], -1.0)
+    return rank.topk(min(cfg.chunk_budget, Lc), dim=-1, sorted=False).indices
+
+
+def chunk_positions(chunks: torch.Tensor, chunk_tokens: int) -> torch.Tensor:
+    """Token positions of chunks [..., n] -> [..., n * chunk_tokens]."""
+    offsets = torch.arange(chunk_tokens, device=chunks.device)
+    return (chunks[..., None] * chunk_tokens + offsets).flatten(-2)
 
 
 def kcache_attend(q, k, valid, lengths, read_v, cfg: KCacheConfig, scale=None):
     """The KCache math, whatever the cache layout: q [B, H, D], k [B or 1, Hkv, L, D], valid [B, L].
 
-    read_v(idx) returns the V rows of positions idx [B, Hkv, S, n] as [B, Hkv, S, n, D] (S = 1 or G); it is
-    the only access to V, so V may live anywhere. Returns (out [B, H, D], mass_kept [B, H] float32, V rows read
-    [B] int32: selected positions inside the sequence, over heads).
+    read_v(idx) returns the V rows of positions idx [B, Hkv, S, n] (all < L) as [B, Hkv, S, n, D] (S = 1 or G); it
+    is the only access to V, so V may live anywhere. Every token of a selected chunk enters the weighted sum with its
+    exact softmax weight (renormalised over the tokens read, or not). Returns (out [B, H, D], mass_kept [B, H]
+    float32, V rows read [B] int32: selected positions inside the sequence, over heads).
     """
     B, H, D = q.shape
-    Hkv = k.shape[1]
+    Hkv, L = k.shape[1], k.shape[2]
     G = H // Hkv
     scale = scale if scale is not None else 1.0 / math.sqrt(D)
     p = _scores(q, k, valid, scale)  # [B, Hkv, G, L]
-    idx = select_tokens(p, lengths, cfg)  # [B, Hkv, 1|G, n]
-    w = p.gather(-1, idx.expand(B, Hkv, G, idx.shape[-1]))  # [B, Hkv, G, n]
+    pos = chunk_positions(select_chunks(p, lengths, cfg), cfg.chunk_tokens)  # [B, Hkv, 1|G, n]
+    inside = pos < lengths.view(-1, 1, 1, 1)  # the last chunk may run past the sequence
+    pos = pos.clamp_max(L - 1)
+    w = p.gather(-1, pos.expand(B, Hkv, G, pos.shape[-1])) * inside  # [B, Hkv, G, n]
     mass = w.sum(-1)  # [B, Hkv, G]
     if cfg.renormalize:
         w = w / mass[..., None]
-    v = read_v(idx).float()  # [B, Hkv, 1|G, n, D]
+    v = read_v(pos).float().masked_fill(~inside[..., None], 0.0)  # [B, Hkv, 1|G, n, D]
     out = torch.matmul(w[..., None, :], v)[..., 0, :]  # [B, Hkv, G, D]
-    rows = (idx < lengths.view(-1, 1, 1, 1)).sum((1, 2, 3), dtype=torch.int32)  # [B]
+    rows = inside.sum((1, 2, 3), dtype=torch.int32)  # [B]
     return out.reshape(B, H, D).to(q.dtype), mass.reshape(B, H), rows
 
 
 def pool_v_reader(v_cache: torch.Tensor, slots: torch.Tensor, out_device):
-    """read_v for a paged pool: positions -> slots -> rows. slots [B or 1, L].
+    """read_v for a paged pool [blocks, Hkv, bs, D]: positions -> slots -> rows. slots [B or 1, L].
 
     PyTorch cannot index a host tensor with device indices, so the reference moves the small index tensor to
     the pool and the rows back; the Triton kernel reads the host rows in place instead.
     """
-    Hkv, D = v_cache.shape[-2], v_cache.shape[-1]
-    flat = v_cache.view(-1, Hkv, D)
+    Hkv, bs = v_cache.shape[1], v_cache.shape[2]
 
     def read_v(idx: torch.Tensor) -> torch.Tensor:
         B, _, S, n = idx.shape
-        sel = slots.expand(B, -1).gather(1, idx.reshape(B, -1)).view(B, Hkv, S, n)  # [B, Hkv, S, n]
-        head = torch.arange(Hkv, device=idx.device).view(1, Hkv, 1, 1).expand_as(sel)
-        rows = flat[sel.to(flat.device), head.to(flat.device)]  # [B, Hkv, S, n, D]
+        sel = slots.expand(B, -1).gather(1, idx.reshape(B, -1)).view(B, Hkv, S, n).to(v_cache.device)  # [B, Hkv, S, n]
+        head = torch.arange(Hkv, device=v_cache.device).view(1, Hkv, 1, 1)
+        rows = v_cache[sel // bs, head, sel % bs]  # [B, Hkv, S, n, D]
         return rows.to(out_device, non_blocking=True)
 
     return read_v
@@ -129,9 +161,8 @@ def kcache_decode(q, k_cache, v_cache, block_tables, lengths, cfg: KCacheConfig,
 
     k_cache lives on q's device, v_cache may live in host memory; only the selected V rows are read.
     """
-    _, bs, Hkv, D = k_cache.shape
-    slots, valid = token_slots(block_tables, lengths, bs)
-    k = k_cache.view(-1, Hkv, D)[slots].transpose(1, 2)  # [B, Hkv, L, D]
+    slots, valid = token_slots(block_tables, lengths, k_cache.shape[2])
+    k = rows_at(k_cache, slots).transpose(1, 2)  # [B, Hkv, L, D]
     return kcache_attend(q, k, valid, lengths, pool_v_reader(v_cache, slots, q.device), cfg, scale)
 
 

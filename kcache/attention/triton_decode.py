@@ -1,17 +1,22 @@
-"""Triton decode attention over the paged pools: FullKV flash-decoding and KCache top-N decode.
+"""Triton decode attention over the paged pools: FullKV flash-decoding and KCache chunked top-N decode.
 
-Pools (one layer): `[num_blocks, block_size, kv_heads, head_dim]`; slot = block * block_size + offset. Row
-`slot * kv_heads + h` of the flat `[slots * kv_heads, head_dim]` view is one 256-byte (bf16, d=128) vector.
+Pools (one layer): `[num_blocks, kv_heads, block_size, head_dim]`; slot = block * block_size + offset. Row
+`(block * kv_heads + h) * block_size + offset` of the flat `[rows, head_dim]` view is one vector of one KV head
+(256 bytes at bf16, d=128), and the block_size rows of one (block, head) are contiguous: a chunk of KCache's
+`chunk_tokens` consecutive tokens is one contiguous read (2 KiB for 8 tokens at d=128), which the lent GPUs serve
+from host memory at PCIe speed where scattered 256-byte rows run at a fixed ~28 M reads/s.
 
 One program handles all G query heads of a KV head, so each K row is read once per step (GQA folded); the
 G rows are padded to 16 for `tl.dot`. The sequence is split so that small batches still fill the GPU; the
 split count depends only on static shapes, so every launch here can be captured in a CUDA graph.
 
 KCache decode runs four launches (a merge level more for very long contexts):
-  scores  K tiles -> scaled logits [B, Hkv, G, L] + per-split (max, sum-exp), so the softmax is exact
-  rank    logits -> probabilities -> ranks (group sum or per head, sinks/recent forced) -> each chunk's top N
-  merge   top N of the chunks' candidates (bitonic top-k in registers) -> positions [B, Hkv, 1|G, N]
-  gather  the selected V rows straight from pinned host memory (UVA), weighted sum, renormalisation
+  scores  K tiles -> each chunk's log-sum-exp of scaled logits [B, Hkv, G, L/c] + per-split (max, sum-exp), so the
+          softmax is exact and the ranking reads 1/c of what token logits would take
+  rank    chunk log-sum-exps -> chunk masses -> ranks (group sum or per head, sinks/recent forced) -> top per tile
+  merge   top of the tiles' candidates (bitonic top-k in registers) -> chunks [B, Hkv, 1|G, NP]
+  gather  per selected chunk: its tokens' exact logits again from K (on the device), their softmax weights, and
+          their V rows as one contiguous read straight from pinned host memory (UVA); weighted sum, renormalisation
 """
 from __future__ import annotations
 
@@ -25,7 +30,7 @@ import triton.language as tl
 from kcache.config import KCacheConfig
 
 BLOCK_N = 64  # tokens per K/V tile
-BLOCK_L = 1024  # positions ranked per program (each keeps its local top NP)
+BLOCK_L = 1024  # chunks ranked per program (each keeps its local top NP)
 RANK_WARPS = 8  # warps of a rank program: its bitonic top-k trades shuffles against shared-memory rounds
 MERGE_KEYS = 4096  # keys per merge program (its register tile)
 GATHER_ROWS = 128  # V rows loaded per gather step (all in flight together)
@@ -58,9 +63,23 @@ def _pad_rows(g: int) -> int:
 
 @triton.jit
 def _kv_rows(table_row, pos, valid, BS: tl.constexpr, HKV: tl.constexpr, h):
-    """Rows of positions pos [N] in the flat pool [slots * Hkv, D], int64 (pools exceed 2**31 elements)."""
+    """Rows of positions pos [N] of KV head h in the flat pool [blocks * Hkv * BS, D], int64 (pools exceed 2**31
+    elements)."""
     page = tl.load(table_row + pos // BS, mask=valid, other=0)
-    return (page.to(tl.int64) * BS + pos % BS) * HKV + h
+    return (page.to(tl.int64) * HKV + h) * BS + pos % BS
+
+
+@triton.jit
+def _tile_logits(qv, k_cache, table_row, pos, end, scale, h, HKV: tl.constexpr, D: tl.constexpr, BS: tl.constexpr,
+                 PREC: tl.constexpr):
+    """Scaled logits [BG, N] of queries qv [BG, D] at positions pos [N] (-inf from `end` on), their pool rows and
+    validity."""
+    valid = pos < end
+    rows = _kv_rows(table_row, pos, valid, BS, HKV, h)
+    d = tl.arange(0, D)
+    kt = tl.load(k_cache + rows[:, None] * D + d[None, :], mask=valid[:, None], other=0.0)  # [N, D]
+    x = tl.dot(qv, tl.trans(kt), input_precision=PREC) * scale
+    return tl.where(valid[None, :], x, float("-inf")), rows, valid
 
 
 @triton.jit
@@ -103,12 +122,8 @@ def _full_split_kernel(
     acc = tl.zeros([BG, D], tl.float32)
     for t in range(start, end, BLOCK_N):  # every tile holds a valid token, so m stays finite after it
         pos = t + tl.arange(0, BLOCK_N)
-        valid = pos < end
-        rows = _kv_rows(block_tables + b * max_blocks, pos, valid, BS, HKV, h)
-        kt = tl.load(k_cache + rows[:, None] * D + d[None, :], mask=valid[:, None], other=0.0)  # [BLOCK_N, D]
+        x, rows, valid = _tile_logits(qv, k_cache, block_tables + b * max_blocks, pos, end, scale, h, HKV, D, BS, PREC)
         vt = tl.load(v_cache + rows[:, None] * D + d[None, :], mask=valid[:, None], other=0.0)
-        x = tl.dot(qv, tl.trans(kt), input_precision=PREC) * scale  # [BG, BLOCK_N]
-        x = tl.where(valid[None, :], x, float("-inf"))
         m_new = tl.maximum(m, tl.max(x, 1))
         alpha = tl.exp(m - m_new)
         p = tl.exp(x - m_new[:, None])
@@ -138,29 +153,33 @@ def _full_reduce_kernel(acc_in, m_in, l_in, out, S, D: tl.constexpr, SP: tl.cons
 
 @triton.jit
 def _scores_kernel(
-    q, k_cache, block_tables, lengths, logits, m_out, l_out, scale, max_blocks, per_split, L,
+    q, k_cache, block_tables, lengths, chunk_lse, m_out, l_out, scale, max_blocks, per_split, LC,
     HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BS: tl.constexpr, BG: tl.constexpr,
-    BLOCK_N: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_N: tl.constexpr, C: tl.constexpr, PREC: tl.constexpr,
 ):
-    """Scaled logits of one KV head's G queries over one split into logits [B, Hkv, G, L], plus max/sum-exp."""
+    """One KV head's G queries over one split: each chunk of C tokens' log-sum-exp of the scaled logits into
+    chunk_lse [B, Hkv, G, LC] (-inf where no token is valid), plus the split's max / sum-exp."""
     b, h, s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     S = tl.num_programs(2)
     qv = _load_q(q, b, h, HKV, G, D, BG)  # [BG, D]
-    d = tl.arange(0, D)
     g = tl.arange(0, BG)
-    head = (b * HKV + h) * G + g  # [BG]
-    start = s * per_split
+    head = (b * HKV + h) * G + g
+    start = s * per_split  # a multiple of BLOCK_N, so chunks never straddle two programs
     end = tl.minimum(start + per_split, tl.load(lengths + b))
     m = tl.full([BG], float("-inf"), tl.float32)
     l = tl.zeros([BG], tl.float32)
     for t in range(start, end, BLOCK_N):
         pos = t + tl.arange(0, BLOCK_N)
-        valid = pos < end
-        rows = _kv_rows(block_tables + b * max_blocks, pos, valid, BS, HKV, h)
-        kt = tl.load(k_cache + rows[:, None] * D + d[None, :], mask=valid[:, None], other=0.0)  # [BLOCK_N, D]
-        x = tl.dot(qv, tl.trans(kt), input_precision=PREC) * scale  # [BG, BLOCK_N]
-        x = tl.where(valid[None, :], x, float("-inf"))
-        tl.store(logits + head[:, None] * L + pos[None, :], x, mask=(g[:, None] < G) & valid[None, :])
+        x, _, _ = _tile_logits(qv, k_cache, block_tables + b * max_blocks, pos, end, scale, h, HKV, D, BS, PREC)
+        if C == 1:
+            lse = x
+        else:
+            xc = tl.reshape(x, [BG, BLOCK_N // C, C])
+            top = tl.max(xc, 2)
+            top = tl.where(top == float("-inf"), 0.0, top)  # an empty chunk: exp(-inf) = 0, so its lse is -inf
+            lse = top + tl.log(tl.sum(tl.exp(xc - top[:, :, None]), 2))  # [BG, BLOCK_N // C]
+        ci = t // C + tl.arange(0, BLOCK_N // C)
+        tl.store(chunk_lse + head[:, None] * LC + ci[None, :], lse, mask=(g[:, None] < G) & (ci[None, :] * C < end))
         m_new = tl.maximum(m, tl.max(x, 1))
         l = l * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new[:, None]), 1)
         m = m_new
@@ -170,43 +189,45 @@ def _scores_kernel(
 
 @triton.jit
 def _rank_top_kernel(
-    logits, m_in, l_in, lengths, cand, S, L, sink, recent,
+    chunk_lse, m_in, l_in, lengths, cand, S, LC, sink, recent,
     HKV: tl.constexpr, G: tl.constexpr, BG: tl.constexpr, SP: tl.constexpr, BLOCK_L: tl.constexpr,
-    NP: tl.constexpr, GROUP: tl.constexpr,
+    NP: tl.constexpr, C: tl.constexpr, GROUP: tl.constexpr,
 ):
-    """Rank BLOCK_L positions of one KV head as the reference's select_tokens does, keep their top NP.
+    """Rank BLOCK_L chunks of one KV head as the reference's select_chunks does, keep their top NP.
 
-    Forced tokens rank G + 1 (above any probability sum). A candidate is an int64 key, rank bits << 32 | pos:
-    ranks are >= 0 floats, so keys order like ranks; positions past the sequence get key -1, below all.
-    Output cand [B, Hkv, 1|G, C, NP] (C = programs along axis 1), each chunk's keys in descending order.
+    A chunk's mass is exp(lse - M) / Z, its tokens' softmax weights summed. Forced chunks (holding a sink or a
+    recent token) rank G + 1, above any mass. A candidate is an int64 key, rank bits << 32 | chunk: ranks are
+    >= 0 floats, so keys order like ranks; chunks past the sequence get key -1, below all.
+    Output cand [B, Hkv, 1|G, T, NP] (T = programs along axis 1), each tile's keys in descending order.
     """
     bh, c = tl.program_id(0), tl.program_id(1)
-    C = tl.num_programs(1)
+    T = tl.num_programs(1)
     length = tl.load(lengths + bh // HKV)
     g = tl.arange(0, BG)
     j = tl.arange(0, NP)
-    out = cand + (bh * (1 if GROUP else G) * C + c) * NP
-    if c * BLOCK_L >= length:  # past the sequence (the table is as wide as the longest one can be): no candidates
+    out = cand + (bh * (1 if GROUP else G) * T + c) * NP
+    if c * BLOCK_L * C >= length:  # past the sequence (the table is as wide as the longest one can be): no candidates
         if GROUP:
             tl.store(out + j, tl.full([NP], -1, tl.int64))
         else:
-            tl.store(out + g[:, None] * C * NP + j[None, :], tl.full([BG, NP], -1, tl.int64), mask=g[:, None] < G)
+            tl.store(out + g[:, None] * T * NP + j[None, :], tl.full([BG, NP], -1, tl.int64), mask=g[:, None] < G)
     else:
         top, z = _merge_stats(m_in, l_in, bh, S, G, BG, SP)
-        pos = c * BLOCK_L + tl.arange(0, BLOCK_L)
-        valid = pos < length
-        x = tl.load(logits + (bh * G + g[:, None]) * L + pos[None, :], mask=(g[:, None] < G) & valid[None, :],
+        chunk = c * BLOCK_L + tl.arange(0, BLOCK_L)
+        first = chunk * C  # the chunk's first position
+        valid = first < length
+        x = tl.load(chunk_lse + (bh * G + g[:, None]) * LC + chunk[None, :], mask=(g[:, None] < G) & valid[None, :],
                     other=float("-inf"))
         p = tl.exp(x - top[:, None]) / z[:, None]  # [BG, BLOCK_L], 0 on masked entries
-        forced = ((pos < sink) | (pos >= length - recent)) & valid
+        forced = ((first < sink) | ((recent > 0) & (first + C > length - recent))) & valid
         if GROUP:
             r = tl.where(forced, G + 1.0, tl.sum(p, 0))
-            key = tl.where(valid, (r.to(tl.int32, bitcast=True).to(tl.int64) << 32) | pos, -1)
+            key = tl.where(valid, (r.to(tl.int32, bitcast=True).to(tl.int64) << 32) | chunk, -1)
             tl.store(out + j, tl.topk(key, NP))
         else:
             r = tl.where(forced[None, :], G + 1.0, p)
-            key = tl.where(valid[None, :], (r.to(tl.int32, bitcast=True).to(tl.int64) << 32) | pos[None, :], -1)
-            tl.store(out + g[:, None] * C * NP + j[None, :], tl.topk(key, NP, dim=1), mask=g[:, None] < G)
+            key = tl.where(valid[None, :], (r.to(tl.int32, bitcast=True).to(tl.int64) << 32) | chunk[None, :], -1)
+            tl.store(out + g[:, None] * T * NP + j[None, :], tl.topk(key, NP, dim=1), mask=g[:, None] < G)
 
 
 @triton.jit
@@ -220,36 +241,41 @@ def _merge_top_kernel(cand, out, C, NP: tl.constexpr, FAN: tl.constexpr):
 
 @triton.jit
 def _gather_kernel(
-    keys, logits, m_in, l_in, v_cache, block_tables, lengths, out, mass, rows_read, max_blocks, S, L, n,
-    HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BS: tl.constexpr, BG: tl.constexpr,
-    SP: tl.constexpr, NP: tl.constexpr, CHUNK: tl.constexpr, GROUP: tl.constexpr, RENORM: tl.constexpr,
+    keys, q, k_cache, m_in, l_in, v_cache, block_tables, lengths, out, mass, rows_read, scale, max_blocks, S, n,
+    HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BS: tl.constexpr, BG: tl.constexpr, SP: tl.constexpr,
+    NP: tl.constexpr, C: tl.constexpr, TILE: tl.constexpr, GROUP: tl.constexpr, RENORM: tl.constexpr,
+    PREC: tl.constexpr,
 ):
-    """Weighted sum of one selection's V rows, read in place from the (host) pool.
+    """Weighted sum over one selection's chunks, V read in place from the (host) pool.
 
     group: selection sel = 0 serves all G heads of the KV head; head: selection sel serves query head sel.
-    keys [B, Hkv, 1|G, NP] hold the selected positions in their low 32 bits (-1: none). CHUNK rows are loaded
-    as one tile, so that all of a chunk's PCIe reads are in flight at once. rows_read [B, Hkv, 1|G] counts them.
+    keys [B, Hkv, 1|G, NP] hold the selected chunks in their low 32 bits (-1: none), the first n of them used.
+    TILE chunks (TILE * C rows) are loaded as one tile, so that all their PCIe reads are in flight at once; the
+    rows of a chunk are contiguous in the pool. Each token's weight is its exact softmax weight: its logit again
+    from K (a device read of the few selected rows), normalised by the scan's global max and sum.
+    rows_read [B, Hkv, 1|G] counts the V rows read.
     """
     b, h, sel = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     bh = b * HKV + h
     top, z = _merge_stats(m_in, l_in, bh, S, G, BG, SP)
     length = tl.load(lengths + b)
+    qv = _load_q(q, b, h, HKV, G, D, BG)
+    table_row = block_tables + b * max_blocks
     g = tl.arange(0, BG)
     d = tl.arange(0, D)
+    r = tl.arange(0, TILE * C)
     mine = (g < G) if GROUP else (g == sel)  # [BG] query heads served here
     acc = tl.zeros([BG, D], tl.float32)
     kept = tl.zeros([BG], tl.float32)
     read = 0
-    for c in range(0, n, CHUNK):
-        j = c + tl.arange(0, CHUNK)
+    for c0 in range(0, n, TILE):
+        j = c0 + r // C  # [TILE * C] which selected chunk each row belongs to
         key = tl.load(keys + (bh * tl.num_programs(2) + sel) * NP + j, mask=j < n, other=-1)
-        pos = key.to(tl.int32)  # truncation keeps the low 32 bits; -1 stays -1
-        valid = (j < n) & (pos >= 0) & (pos < length)
-        x = tl.load(logits + (bh * G + g[:, None]) * L + pos[None, :], mask=mine[:, None] & valid[None, :],
-                    other=float("-inf"))
-        w = tl.exp(x - top[:, None]) / z[:, None]  # [BG, CHUNK] exact softmax weights of the kept tokens
-        rows = _kv_rows(block_tables + b * max_blocks, pos, valid, BS, HKV, h)
-        v = tl.load(v_cache + rows[:, None] * D + d[None, :], mask=valid[:, None], other=0.0)  # [CHUNK, D]
+        chunk = key.to(tl.int32)  # truncation keeps the low 32 bits; -1 stays -1
+        pos = tl.where(chunk >= 0, chunk * C + r % C, length)  # no chunk: a position past the sequence
+        x, rows, valid = _tile_logits(qv, k_cache, table_row, pos, length, scale, h, HKV, D, BS, PREC)
+        w = tl.exp(tl.where(mine[:, None], x, float("-inf")) - top[:, None]) / z[:, None]  # [BG, TILE * C]
+        v = tl.load(v_cache + rows[:, None] * D + d[None, :], mask=valid[:, None], other=0.0)  # [TILE * C, D]
         acc += tl.dot(w, v.to(tl.float32), input_precision="ieee")  # float32 like the reference
         kept += tl.sum(w, 1)
         read += tl.sum(valid.to(tl.int32), 0)
@@ -263,7 +289,7 @@ def _gather_kernel(
 
 def _shapes(q: torch.Tensor, k_cache: torch.Tensor, block_tables: torch.Tensor):
     B, H, D = q.shape
-    _, bs, Hkv, _ = k_cache.shape
+    _, Hkv, bs, _ = k_cache.shape
     return B, H, D, bs, Hkv, H // Hkv, block_tables.shape[1] * bs
 
 
@@ -285,57 +311,59 @@ def full_decode(q, k_cache, v_cache, block_tables, lengths, scale=None):
     return out
 
 
-def _scores(q, k_cache, block_tables, lengths, scale):
-    """Logits [B, Hkv, G, L] float32 (written up to each length) and per-split stats m, l [B, Hkv, G, S]."""
+def chunk_scores(q, k_cache, block_tables, lengths, chunk_tokens: int, scale: float):
+    """The K scan: chunk log-sum-exps [B, Hkv, G, L / c] float32 (written up to each length) and per-split stats
+    m, l [B, Hkv, G, S]."""
     B, H, D, bs, Hkv, G, L = _shapes(q, k_cache, block_tables)
     S, per_split = _split(B, Hkv, L, q.device)
-    logits = torch.empty(B, Hkv, G, L, dtype=torch.float32, device=q.device)
+    LC = L // chunk_tokens
+    lse = torch.empty(B, Hkv, G, LC, dtype=torch.float32, device=q.device)
     m = torch.empty(B, Hkv, G, S, dtype=torch.float32, device=q.device)
     l = torch.empty_like(m)
     _scores_kernel[(B, Hkv, S)](
-        q, k_cache, block_tables, lengths, logits, m, l, scale, block_tables.shape[1], per_split, L,
-        HKV=Hkv, G=G, D=D, BS=bs, BG=_pad_rows(G), BLOCK_N=BLOCK_N, PREC=_dot_precision(q.dtype),
+        q, k_cache, block_tables, lengths, lse, m, l, scale, block_tables.shape[1], per_split, LC,
+        HKV=Hkv, G=G, D=D, BS=bs, BG=_pad_rows(G), BLOCK_N=BLOCK_N, C=chunk_tokens, PREC=_dot_precision(q.dtype),
         num_warps=4, num_stages=3,
     )
-    return logits, m, l
+    return lse, m, l
 
 
-def _select(logits, m, l, lengths, cfg: KCacheConfig):
-    """Keys of the selected tokens [B, Hkv, 1|G, NP], descending (NP = budget rounded up to a power of two)."""
-    B, Hkv, G, L = logits.shape
+def select_chunks(lse, m, l, lengths, cfg: KCacheConfig):
+    """The top-N selection: keys of the selected chunks [B, Hkv, 1|G, NP], descending (NP = selection_width)."""
+    B, Hkv, G, LC = lse.shape
     S = m.shape[-1]
     group = cfg.selection == "group"
     rows = B * Hkv * (1 if group else G)
     NP = cfg.selection_width
     block_l = max(BLOCK_L, NP)
-    C = triton.cdiv(L, block_l)
-    cand = torch.empty(rows, C, NP, dtype=torch.int64, device=logits.device)
-    _rank_top_kernel[(B * Hkv, C)](
-        logits, m, l, lengths, cand, S, L, cfg.sink_tokens, cfg.recent_tokens,
+    T = triton.cdiv(LC, block_l)
+    cand = torch.empty(rows, T, NP, dtype=torch.int64, device=lse.device)
+    _rank_top_kernel[(B * Hkv, T)](
+        lse, m, l, lengths, cand, S, LC, cfg.sink_tokens, cfg.recent_tokens,
         HKV=Hkv, G=G, BG=triton.next_power_of_2(G), SP=triton.next_power_of_2(S), BLOCK_L=block_l, NP=NP,
-        GROUP=group, num_warps=RANK_WARPS,
+        C=cfg.chunk_tokens, GROUP=group, num_warps=RANK_WARPS,
     )
-    fan = max(2, min(MERGE_KEYS // NP, triton.next_power_of_2(C)))  # no wider than the chunks there are
-    while C > 1:  # a tree of merges: each level keeps the top NP of `fan` chunks
-        merged = torch.empty(rows, triton.cdiv(C, fan), NP, dtype=torch.int64, device=logits.device)
-        _merge_top_kernel[(rows, merged.shape[1])](cand, merged, C, NP=NP, FAN=fan, num_warps=8)
-        cand, C = merged, merged.shape[1]
+    fan = max(2, min(MERGE_KEYS // NP, triton.next_power_of_2(T)))  # no wider than the tiles there are
+    while T > 1:  # a tree of merges: each level keeps the top NP of `fan` tiles
+        merged = torch.empty(rows, triton.cdiv(T, fan), NP, dtype=torch.int64, device=lse.device)
+        _merge_top_kernel[(rows, merged.shape[1])](cand, merged, T, NP=NP, FAN=fan, num_warps=8)
+        cand, T = merged, merged.shape[1]
     return cand.view(B, Hkv, rows // (B * Hkv), NP)
 
 
-def _gather(keys, logits, m, l, v_cache, block_tables, lengths, cfg: KCacheConfig, out_dtype):
-    """Weighted sums of the selected V rows -> (out [B, H, D], mass [B, H] float32, V rows read [B] int32)."""
-    B, Hkv, G, L = logits.shape
+def gather_chunks(keys, q, k_cache, m, l, v_cache, block_tables, lengths, cfg: KCacheConfig, scale: float):
+    """The weighted sums over the selected chunks -> (out [B, H, D], mass [B, H] float32, V rows read [B] int32)."""
+    B, H, D, bs, Hkv, G, L = _shapes(q, k_cache, block_tables)
     nsel, NP = keys.shape[2], keys.shape[3]
-    D, bs = v_cache.shape[-1], v_cache.shape[1]
-    out = torch.empty(B, Hkv * G, D, dtype=out_dtype, device=logits.device)
-    mass = torch.empty(B, Hkv * G, dtype=torch.float32, device=logits.device)
-    rows = torch.empty(B, Hkv, nsel, dtype=torch.int32, device=logits.device)
+    c = cfg.chunk_tokens
+    out = torch.empty_like(q)
+    mass = torch.empty(B, H, dtype=torch.float32, device=q.device)
+    rows = torch.empty(B, Hkv, nsel, dtype=torch.int32, device=q.device)
     _gather_kernel[(B, Hkv, nsel)](
-        keys, logits, m, l, v_cache, block_tables, lengths, out, mass, rows,
-        block_tables.shape[1], m.shape[-1], L, cfg.budget, HKV=Hkv, G=G, D=D, BS=bs, BG=_pad_rows(G),
-        SP=triton.next_power_of_2(m.shape[-1]), NP=NP, CHUNK=min(NP, GATHER_ROWS), GROUP=cfg.selection == "group",
-        RENORM=cfg.renormalize, num_warps=4,
+        keys, q, k_cache, m, l, v_cache, block_tables, lengths, out, mass, rows, scale, block_tables.shape[1],
+        m.shape[-1], cfg.chunk_budget, HKV=Hkv, G=G, D=D, BS=bs, BG=_pad_rows(G), SP=triton.next_power_of_2(m.shape[-1]),
+        NP=NP, C=c, TILE=max(1, min(NP, GATHER_ROWS // c)), GROUP=cfg.selection == "group", RENORM=cfg.renormalize,
+        PREC=_dot_precision(q.dtype), num_warps=4,
     )
     return out, mass, rows.sum((1, 2), dtype=torch.int32)
 
@@ -347,22 +375,23 @@ def kcache_decode(q, k_cache, v_cache, block_tables, lengths, cfg: KCacheConfig,
     """
     D = q.shape[-1]
     scale = scale if scale is not None else 1.0 / math.sqrt(D)
-    logits, m, l = _scores(q, k_cache, block_tables, lengths, scale)
-    keys = _select(logits, m, l, lengths, cfg)
-    return _gather(keys, logits, m, l, v_cache, block_tables, lengths, cfg, q.dtype)
+    lse, m, l = chunk_scores(q, k_cache, block_tables, lengths, cfg.chunk_tokens, scale)
+    keys = select_chunks(lse, m, l, lengths, cfg)
+    return gather_chunks(keys, q, k_cache, m, l, v_cache, block_tables, lengths, cfg, scale)
 
 
 @triton.jit
-def _copy_rows_kernel(pool, rows, slots, n, E: tl.constexpr, EP: tl.constexpr, BR: tl.constexpr,
-                      TO_POOL: tl.constexpr):
-    """Copy BR token rows of E = Hkv * D elements each (padded to EP, a power of two) between rows [n, E] and
-    their slots of the pool: into the pool (TO_POOL) or out of it."""
+def _copy_rows_kernel(pool, rows, slots, n, HKV: tl.constexpr, D: tl.constexpr, BS: tl.constexpr,
+                      EP: tl.constexpr, BR: tl.constexpr, TO_POOL: tl.constexpr):
+    """Copy BR token rows of HKV * D elements each (padded to EP, a power of two) between rows [n, HKV, D] and
+    their slots of the pool [blocks, HKV, BS, D]: into the pool (TO_POOL) or out of it."""
     r = tl.program_id(0) * BR + tl.arange(0, BR)
     e = tl.arange(0, EP)
-    mask = (r[:, None] < n) & (e[None, :] < E)
+    h, d = e // D, e % D
+    mask = (r[:, None] < n) & (e[None, :] < HKV * D)
     slot = tl.load(slots + r, mask=r < n, other=0).to(tl.int64)
-    at_pool = pool + slot[:, None] * E + e[None, :]
-    at_rows = rows + r[:, None].to(tl.int64) * E + e[None, :]
+    at_pool = pool + ((slot[:, None] // BS * HKV + h[None, :]) * BS + slot[:, None] % BS) * D + d[None, :]
+    at_rows = rows + r[:, None].to(tl.int64) * (HKV * D) + e[None, :]
     if TO_POOL:
         tl.store(at_pool, tl.load(at_rows, mask=mask), mask=mask)
     else:
@@ -370,16 +399,17 @@ def _copy_rows_kernel(pool, rows, slots, n, E: tl.constexpr, EP: tl.constexpr, B
 
 
 def _copy_rows(pool: torch.Tensor, rows: torch.Tensor, slots: torch.Tensor, to_pool: bool) -> None:
-    E = pool.shape[-2] * pool.shape[-1]
+    _, Hkv, bs, D = pool.shape
     T, BR = rows.shape[0], 16
     if T:
         _copy_rows_kernel[(triton.cdiv(T, BR),)](
-            pool, rows, slots, T, E=E, EP=triton.next_power_of_2(E), BR=BR, TO_POOL=to_pool, num_warps=4
+            pool, rows, slots, T, HKV=Hkv, D=D, BS=bs, EP=triton.next_power_of_2(Hkv * D), BR=BR, TO_POOL=to_pool,
+            num_warps=4,
         )
 
 
 def store_rows(pool: torch.Tensor, rows: torch.Tensor, slots: torch.Tensor) -> None:
-    """pool.view(-1, Hkv, D)[slots] = rows, written by the GPU straight into a pinned host pool.
+    """The reference's store_rows, written by the GPU straight into a pinned host pool (or a device one).
 
     rows [T, Hkv, D] on the GPU, slots [T] int on the GPU; no host sync, so decode steps stay graph-capturable.
     """
@@ -387,8 +417,8 @@ def store_rows(pool: torch.Tensor, rows: torch.Tensor, slots: torch.Tensor) -> N
 
 
 def load_rows(pool: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-    """pool.view(-1, Hkv, D)[slots] -> [T, Hkv, D] on the GPU, read by the GPU straight from a pinned host pool (a
-    CPU gather and a pageable copy took seconds per long chunked prompt). slots [T] int on the GPU."""
-    rows = torch.empty(slots.shape[0], *pool.shape[-2:], dtype=pool.dtype, device=slots.device)
+    """The reference's load_rows, read by the GPU straight from a pinned host pool (or a device one). slots [T] int
+    on the GPU -> [T, Hkv, D]."""
+    rows = torch.empty(slots.shape[0], pool.shape[1], pool.shape[3], dtype=pool.dtype, device=slots.device)
     _copy_rows(pool, rows, slots, to_pool=False)
     return rows

@@ -1,9 +1,10 @@
 """FullKV and KCache: one interface, two places for V.
 
-Both keep K for every layer in a paged device pool `[layers, blocks, block_size, kv_heads, head_dim]`.
-FullKV keeps V beside it on the device. KCache keeps V of the first `dense_layers` layers on the device and
-the rest in one host allocation of the same block layout (block ids are shared), registered with CUDA once so
-kernels read it in place. The model calls `attend(layer, q, k, v, batch)`; the cache stores the new K and V,
+Both keep K for every layer in a paged device pool `[layers, blocks, kv_heads, block_size, head_dim]`: each
+(block, KV head) holds its tokens contiguously (kcache.attention.reference). FullKV keeps V beside it on the device.
+KCache keeps V of the first `dense_layers` layers on the device and the rest in one host allocation of the same
+layout (block ids are shared), registered with CUDA once so kernels read it in place, a chunk of consecutive
+tokens of one head at a time. The model calls `attend(layer, q, k, v, batch)`; the cache stores the new K and V,
 then runs exact prefill or (approximate, for KCache) decode attention.
 """
 from __future__ import annotations
@@ -84,7 +85,7 @@ class PagedKVCache:
         self.cfg, self.num_blocks, self.block_size = cfg, num_blocks, block_size
         self.dtype, self.device = dtype, torch.device(device)
         self.ops = decode_ops(self.device)
-        shape = (cfg.num_layers, num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
+        shape = (cfg.num_layers, num_blocks, cfg.num_kv_heads, block_size, cfg.head_dim)
         self.k = torch.empty(shape, dtype=dtype, device=self.device)
 
     @property
@@ -125,42 +126,23 @@ class PagedKVCache:
     def attend(self, layer: int, q, k, v, batch: StepBatch) -> torch.Tensor:
         """Store this step's K/V [T, Hkv, D], then attend: q [T, H, D] -> [T, H, D]."""
         kc, vc = self.k[layer], self.v_layer(layer)
-        Hkv, D = k.shape[1], k.shape[2]
-        kc.view(-1, Hkv, D)[batch.slot_mapping] = k
-        self._store_rows(vc, v, batch.slot_mapping)
+        self.ops.store_rows(kc, k, batch.slot_mapping)
+        self.ops.store_rows(vc, v, batch.slot_mapping)  # on a GPU into the host pool in place: graph-capturable
         if batch.is_prefill:
             return self._prefill(q, k, v, kc, vc, batch)
         if batch.shared_table:
             return self._score(layer, q, kc, vc, batch)
         return self._decode(layer, q, kc, vc, batch)
 
-    def _store_rows(self, pool: torch.Tensor, rows: torch.Tensor, slots: torch.Tensor) -> None:
-        """pool [blocks, block_size, Hkv, D] (device or host) <- rows [T, Hkv, D] at slots [T]."""
-        if pool.device == rows.device:
-            pool.view(-1, rows.shape[1], rows.shape[2])[slots] = rows
-        elif hasattr(self.ops, "store_rows"):  # the GPU writes the host pool in place: no sync, graph-capturable
-            self.ops.store_rows(pool, rows, slots)
-        else:
-            pool.view(-1, rows.shape[1], rows.shape[2])[slots.to(pool.device)] = rows.to(pool.device)
-
-    def _load_rows(self, pool: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-        """pool [blocks, block_size, Hkv, D] (device or host) rows at slots [T] -> [T, Hkv, D] on slots' device."""
-        if pool.device == slots.device:
-            return pool.view(-1, *pool.shape[-2:])[slots]
-        if hasattr(self.ops, "load_rows"):  # the GPU reads the host pool in place
-            return self.ops.load_rows(pool, slots)
-        return pool.view(-1, *pool.shape[-2:])[slots.to(pool.device)].to(slots.device)
-
     def _prefill(self, q, k, v, kc, vc, batch: StepBatch) -> torch.Tensor:
         """Exact attention per sequence over its cached prefix and this chunk."""
         out = torch.empty_like(q)
-        Hkv, D = k.shape[1], k.shape[2]
         for i, (s, n, ctx) in enumerate(zip(batch.chunk_starts, batch.chunk_lens, batch.context_lens)):
             ks, vs = k[s:s + n], v[s:s + n]
             if ctx:  # earlier chunks: K from the device pool, V read back from wherever it lives
                 slots, _ = reference.token_slots(batch.block_tables[i:i + 1], batch.lengths[i:i + 1] - n, self.block_size, ctx)
-                ks = torch.cat([kc.view(-1, Hkv, D)[slots[0]], ks])
-                vs = torch.cat([self._load_rows(vc, slots[0]), vs])
+                ks = torch.cat([reference.rows_at(kc, slots[0]), ks])
+                vs = torch.cat([self.ops.load_rows(vc, slots[0]), vs])
             out[s:s + n] = reference.prefill_attention(q[s:s + n], ks, vs, ctx)
         return out
 
@@ -171,9 +153,8 @@ class PagedKVCache:
     def _exact_score(self, q, kc, vc, batch: StepBatch) -> torch.Tensor:
         """Teacher-forced rows with exact attention: causal attention of the rows over the sequence."""
         slots = self._sequence_slots(batch)[0]
-        Hkv, D = kc.shape[-2], kc.shape[-1]
-        k = kc.view(-1, Hkv, D)[slots]
-        return reference.prefill_attention(q, k, self._load_rows(vc, slots), k.shape[0] - q.shape[0])
+        k = reference.rows_at(kc, slots)
+        return reference.prefill_attention(q, k, self.ops.load_rows(vc, slots), k.shape[0] - q.shape[0])
 
     def _score(self, layer, q, kc, vc, batch):
         return self._exact_score(q, kc, vc, batch)
@@ -203,6 +184,7 @@ class KCache(PagedKVCache):
 
     def __init__(self, cfg, num_blocks, block_size, dtype, device, kcfg: KCacheConfig):
         super().__init__(cfg, num_blocks, block_size, dtype, device)
+        _check_chunks(kcfg, block_size)
         self.kcfg = kcfg  # replaced only through use()
         self.dense = min(kcfg.dense_layers, cfg.num_layers)  # layers whose V pool is on the device
         self.spec = cache_spec(EngineConfig(kcache=kcfg), cfg, dtype)
@@ -218,7 +200,9 @@ class KCache(PagedKVCache):
         later allocation at the same address fail ("resource already mapped")."""
         if self.device.type == "cuda" and self.v_host.numel():
             torch.cuda.synchronize(self.device)
-            torch.cuda.cudart().cudaHostUnregister(self.v_host.data_ptr())
+            err = torch.cuda.cudart().cudaHostUnregister(self.v_host.data_ptr())
+            if int(err) != 0:
+                raise RuntimeError(f"cudaHostUnregister of the host V pool failed: {err}")
         self.v_host = torch.empty(0, dtype=self.dtype)
 
     def __del__(self):
@@ -254,6 +238,7 @@ class KCache(PagedKVCache):
         if kcfg.dense_layers < self.dense:
             raise ValueError(f"this cache keeps V of {self.dense} layers on the device: dense_layers must be at least "
                              f"{self.dense}, got {kcfg.dense_layers}")
+        _check_chunks(kcfg, self.block_size)
         self.kcfg = kcfg
 
     @property
@@ -281,14 +266,24 @@ class KCache(PagedKVCache):
     def _score(self, layer, q, kc, vc, batch):
         if self._exact(layer):
             return self._exact_score(q, kc, vc, batch)
+        if self.ops is not reference and self.kcfg.selection != "random":  # the kernel the decode steps run
+            tables = batch.block_tables[:1].expand(q.shape[0], -1).contiguous()
+            out, mass, rows = self.ops.kcache_decode(q, kc, vc, tables, batch.lengths, self.kcfg)
+            self._record(layer, mass, rows)
+            return out
         slots = self._sequence_slots(batch)  # [1, L]
-        Hkv, D = kc.shape[-2], kc.shape[-1]
-        k = kc.view(-1, Hkv, D)[slots].transpose(1, 2)  # [1, Hkv, L, D]: one copy of K for every row
+        k = reference.rows_at(kc, slots).transpose(1, 2)  # [1, Hkv, L, D]: one copy of K for every row
         valid = torch.arange(slots.shape[1], device=q.device)[None, :] < batch.lengths[:, None]  # [T, L]
         read_v = reference.pool_v_reader(vc, slots, q.device)
         out, mass, rows = reference.kcache_attend(q, k, valid, batch.lengths, read_v, self.kcfg)
         self._record(layer, mass, rows)
         return out
+
+
+def _check_chunks(kcfg: KCacheConfig, block_size: int) -> None:
+    if block_size % kcfg.chunk_tokens:
+        raise ValueError(f"block_size ({block_size}) must be a multiple of chunk_tokens ({kcfg.chunk_tokens}): a chunk "
+                         "is read from one block")
 
 
 def make_cache(cfg: EngineConfig, model: ModelConfig, num_blocks: int, dtype: torch.dtype, device: torch.device) -> PagedKVCache:

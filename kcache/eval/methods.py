@@ -84,11 +84,11 @@ def parse_method(spec: str) -> Method:
         if n is None:
             raise ValueError(f"{spec!r}: give streaming its budget, e.g. streaming:64")
         sinks = options.pop("sink_tokens", STREAMING_SINKS)
-        fields = dict(top_n=0, sink_tokens=sinks, recent_tokens=n - sinks, renormalize=True)
+        fields = dict(top_n=0, sink_tokens=sinks, recent_tokens=n - sinks, renormalize=True, chunk_tokens=1)
     elif n is not None:
         fields["top_n"] = n
     if kind == "random":
-        fields["selection"] = "random"
+        fields.update(selection="random", chunk_tokens=1)  # the baselines pick tokens, unless told otherwise
     fields.update(options)
     try:
         cfg = KCacheConfig(**fields)
