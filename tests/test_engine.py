@@ -134,7 +134,7 @@ def test_dense_layers_make_kcache_exact_there(llama):
 
 def test_stats_count_rows_read_and_mass(llama):
     cfg = llama.config
-    kcfg = KCacheConfig(top_n=4, dense_layers=1, selection="head")
+    kcfg = KCacheConfig(top_n=4, dense_layers=1, selection="head", chunk_tokens=1)
     engine = make_engine(llama, "kcache", kcfg)
     prompt = prompts(1, seed=3, lo=30, hi=30)[0]
     out = run_all(engine, [prompt], SamplingParams(max_tokens=10, ignore_eos=True))[0]
@@ -154,8 +154,8 @@ def test_kcache_stores_v_in_the_host_pool(llama):
         run_all(e, [[5, 6, 7, 8, 9]], SamplingParams(max_tokens=1))
     assert isinstance(full.cache, FullKV)
     # same prompt, same first blocks: the host pool of KCache holds exactly FullKV's device V
-    torch.testing.assert_close(kc.cache.v_host[:, 0, :5], full.cache.v[:, 0, :5])
-    torch.testing.assert_close(kc.cache.k[:, 0, :5], full.cache.k[:, 0, :5])
+    torch.testing.assert_close(kc.cache.v_host[:, 0, :, :5], full.cache.v[:, 0, :, :5])  # [layers, block, heads, pos, D]
+    torch.testing.assert_close(kc.cache.k[:, 0, :, :5], full.cache.k[:, 0, :, :5])
 
 
 def test_request_errors(llama):
