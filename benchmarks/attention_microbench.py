@@ -89,7 +89,7 @@ def gather_bandwidth(v_host: torch.Tensor) -> float:
 
 def make_pools():
     """K and V pools on the GPU, and V in registered host memory (cudaHostRegister: exact size, no rounding)."""
-    shape = (POOL_TOKENS // BS, BS, HKV, D)
+    shape = (POOL_TOKENS // BS, HKV, BS, D)
     k = torch.randn(shape, device="cuda", dtype=torch.bfloat16)
     v = torch.randn(shape, device="cuda", dtype=torch.bfloat16)
     v_host = torch.empty(shape, dtype=torch.bfloat16)
@@ -140,12 +140,12 @@ def stage_times(inputs, k, v_host, cfg, sets):
     scale = D**-0.5
     mid = []
     for q, bt, ln in inputs:
-        logits, m, l = td._scores(q, k, bt, ln, scale)
-        mid.append((q, bt, ln, logits, m, l, td._select(logits, m, l, ln, cfg)))
+        lse, m, l = td.chunk_scores(q, k, bt, ln, cfg.chunk_tokens, scale)
+        mid.append((q, bt, ln, lse, m, l, td.select_chunks(lse, m, l, ln, cfg)))
     stages = {
-        "scores": lambda q, bt, ln, *_: td._scores(q, k, bt, ln, scale),
-        "select": lambda q, bt, ln, logits, m, l, keys: td._select(logits, m, l, ln, cfg),
-        "gather": lambda q, bt, ln, logits, m, l, keys: td._gather(keys, logits, m, l, v_host, bt, ln, cfg, q.dtype),
+        "scores": lambda q, bt, ln, *_: td.chunk_scores(q, k, bt, ln, cfg.chunk_tokens, scale),
+        "select": lambda q, bt, ln, lse, m, l, keys: td.select_chunks(lse, m, l, ln, cfg),
+        "gather": lambda q, bt, ln, lse, m, l, keys: td.gather_chunks(keys, q, k, m, l, v_host, bt, ln, cfg, scale),
     }
     return {name: time_graph(lambda: [fn(*x) for x in mid], sets) * 1e3 for name, fn in stages.items()}
 
@@ -157,12 +157,12 @@ def sweep(pools, gen):
     cases = []
     for batch, context in ((1, 32768), (64, 32768)):
         q, bt, ln = make_inputs(batch, context, 1, gen)[0]
-        cases.append((batch, ln, td._scores(q, k, bt, ln, D**-0.5)))
+        cases.append((batch, ln, td.chunk_scores(q, k, bt, ln, cfg.chunk_tokens, D**-0.5)))
     best = {}
     for block_l in (1024, 2048):
         for warps in (2, 4, 8):
             td.BLOCK_L, td.RANK_WARPS = block_l, warps
-            times = [time_graph(lambda: td._select(*mid, ln, cfg), 1) for _, ln, mid in cases]
+            times = [time_graph(lambda: td.select_chunks(*mid, ln, cfg), 1) for _, ln, mid in cases]
             best[block_l, warps] = times
             print(f"sweep select BLOCK_L={block_l} warps={warps}: "
                   + "  ".join(f"B={b} {t*1e3:.3f} ms" for (b, _, _), t in zip(cases, times)), flush=True)

@@ -28,10 +28,10 @@ def timed(fn) -> float:
 def main(batch: int, context: int, top_n: int) -> dict:
     dev = torch.device("cuda")
     blocks = batch * context // BS
-    k = torch.randn(LAYERS, blocks, BS, HKV, D, device=dev, dtype=torch.bfloat16)
+    k = torch.randn(LAYERS, blocks, HKV, BS, D, device=dev, dtype=torch.bfloat16)
     fits_full = 2 * k.numel() * k.element_size() < 70 * 2**30  # FullKV needs V on the device too
     v_dev = torch.randn_like(k) if fits_full else None
-    v_host = host_empty((LAYERS, blocks, BS, HKV, D), torch.bfloat16, dev)
+    v_host = host_empty((LAYERS, blocks, HKV, BS, D), torch.bfloat16, dev)
     v_host.view(torch.int16).fill_(7)
     tables = torch.randperm(blocks, device=dev, dtype=torch.int32).view(batch, -1)
     lens = torch.full((batch,), context, device=dev, dtype=torch.int32)
