@@ -3,8 +3,9 @@
 # travel to the lent machines), bf16. Results: benchmarks/results/bench_<card><TAG>_in<len>_out<out>[_n<N>].json.
 # Usage: benchmarks/gpu_bench.sh [input_len ...]    (default: 16384 32768)
 # Env: OUTPUT_LEN (default 128); PROMPTS (default: about twice what FullKV holds on an 80 GB card); TOP_NS (default
-# 64: the first N runs --compare against FullKV, the others KCache alone); DEVICE_GB (device cache budget, default:
-# what the card leaves); MAX_SEQS (default 128); TAG (file-name tag, e.g. _pool48); OUT_DIR.
+# 64: the first N runs --compare against FullKV, the others KCache alone); CHUNK (chunk_tokens of those runs, default
+# the config's); TOKEN_N (also run KCache at chunk_tokens=1 with this N, for reference); DEVICE_GB (device cache
+# budget, default: what the card leaves); MAX_SEQS (default 128); TAG (file-name tag, e.g. _pool48); OUT_DIR.
 set -euo pipefail
 OUT_DIR=${OUT_DIR:-benchmarks/results}
 OUTPUT_LEN=${OUTPUT_LEN:-128}
@@ -12,6 +13,8 @@ CARD=$(python3 -c "import torch; print(torch.cuda.get_device_name().split()[1].l
 COMMON=(--model llama-3.1-8b --load-format dummy --dtype bfloat16 --max-num-batched-tokens 32768
         --host-cache-gb 96 --max-num-seqs "${MAX_SEQS:-128}" --output-len "$OUTPUT_LEN")
 [ -z "${DEVICE_GB:-}" ] || COMMON+=(--device-cache-gb "$DEVICE_GB")
+KC=()
+[ -z "${CHUNK:-}" ] || KC+=(--chunk-tokens "$CHUNK")
 read -r -a NS <<< "${TOP_NS:-64}"
 mkdir -p "$OUT_DIR"
 LENS=("$@")
@@ -19,10 +22,14 @@ LENS=("$@")
 for len in "${LENS[@]}"; do
   prompts=${PROMPTS:-$(( 2 * 1024 * 1024 / len ))}   # about twice what FullKV holds at once on an 80 GB card
   base="$OUT_DIR/bench_${CARD}${TAG:-}_in${len}_out${OUTPUT_LEN}"
-  python3 -m kcache bench "${COMMON[@]}" --compare --top-n "${NS[0]}" --input-len "$len" --num-prompts "$prompts" \
-    --output-json "$base.json"
+  python3 -m kcache bench "${COMMON[@]}" "${KC[@]}" --compare --top-n "${NS[0]}" --input-len "$len" \
+    --num-prompts "$prompts" --output-json "$base.json"
   for n in "${NS[@]:1}"; do
-    python3 -m kcache bench "${COMMON[@]}" --cache kcache --top-n "$n" --input-len "$len" --num-prompts "$prompts" \
-      --output-json "${base}_n${n}.json"
+    python3 -m kcache bench "${COMMON[@]}" "${KC[@]}" --cache kcache --top-n "$n" --input-len "$len" \
+      --num-prompts "$prompts" --output-json "${base}_n${n}.json"
   done
+  if [ -n "${TOKEN_N:-}" ]; then
+    python3 -m kcache bench "${COMMON[@]}" --cache kcache --chunk-tokens 1 --top-n "$TOKEN_N" --input-len "$len" \
+      --num-prompts "$prompts" --output-json "${base}_n${TOKEN_N}_tokens.json"
+  fi
 done

@@ -55,9 +55,28 @@ def kcache_rows(batch: int, context: int, hbm: float) -> list[dict]:
                      "gather_GBps": v_bytes / gather / 1e6 if gather > 0 else None,
                      "scan_floor_ms": k_bytes / hbm * 1e3, "gather_floor_ms": v_bytes / PCIE * 1e3})
         print(json.dumps(rows[-1]), flush=True)
+    rows += stage_sweep(q, k, v, tables, lens, scale)
     del k
     torch.cuda.cudart().cudaHostUnregister(v.data_ptr())
     return rows
+
+
+def stage_sweep(q, k, v, tables, lens, scale) -> list[dict]:
+    """The gather's time by the size and warps of its host-copy programs (chunk_tokens 8, top_n 64)."""
+    cfg = KCacheConfig(top_n=64, chunk_tokens=8)
+    mid = [(l, *td.chunk_scores(q, k[l], tables, lens, 8, scale)) for l in range(LAYERS)]
+    keys = [td.select_chunks(lse, m, l_, lens, cfg) for _, lse, m, l_ in mid]
+    out = []
+    default = td.STAGE_ROWS, td.STAGE_WARPS
+    for rows, warps in ((8, 1), (16, 2), (32, 2), (64, 4), (128, 4)):
+        td.STAGE_ROWS, td.STAGE_WARPS = rows, warps
+        ms = per_step_ms(lambda: [td.gather_chunks(kk, q, k[l], m, l_, v[l], tables, lens, cfg, scale)
+                                  for kk, (l, _, m, l_) in zip(keys, mid)])
+        out.append({"stage_rows": rows, "stage_warps": warps, "gather_ms": ms,
+                    "gather_GBps": q.shape[0] * LAYERS * HKV * cfg.budget * D * 2 / ms / 1e6})
+        print(json.dumps(out[-1]), flush=True)
+    td.STAGE_ROWS, td.STAGE_WARPS = default
+    return out
 
 
 def full_row(batch: int, context: int, hbm: float) -> dict:

@@ -61,8 +61,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     c.add_argument("--dense-layers", type=non_negative_int, default=None, help="first L layers keep a full cache on the device")
     c.add_argument("--sink-tokens", type=non_negative_int, default=None, help="first tokens always selected")
     c.add_argument("--recent-tokens", type=non_negative_int, default=None, help="last tokens always selected")
-    c.add_argument("--recent-steps", type=non_negative_int, default=None,
-                   help="GPU: V rows the last R steps selected stay on the device and are read from there (default 3; 0: off)")
+    c.add_argument("--chunk-tokens", type=positive_int, default=None,
+                   help="tokens per selected chunk, read from host memory as one piece (a power of two dividing "
+                        "--block-size; 1: token-level selection)")
     m = p.add_argument_group("memory")
     m.add_argument("--block-size", type=positive_int, default=16)
     m.add_argument("--max-num-seqs", type=positive_int, default=256, help="largest decode batch")
@@ -78,7 +79,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
 def kcache_config_from_args(args):
     from kcache.config import KCacheConfig
 
-    names = ("top_n", "selection", "renormalize", "dense_layers", "sink_tokens", "recent_tokens")
+    names = ("top_n", "selection", "renormalize", "dense_layers", "sink_tokens", "recent_tokens", "chunk_tokens")
     return KCacheConfig(**{n: getattr(args, n) for n in names if getattr(args, n) is not None})
 
 

@@ -33,7 +33,9 @@ BLOCK_N = 64  # tokens per K/V tile
 BLOCK_L = 1024  # chunks ranked per program (each keeps its local top NP)
 RANK_WARPS = 8  # warps of a rank program: its bitonic top-k trades shuffles against shared-memory rounds
 MERGE_KEYS = 4096  # keys per merge program (its register tile)
-GATHER_ROWS = 128  # V rows loaded per gather step (all in flight together)
+GATHER_ROWS = 128  # staged V rows summed per gather step
+STAGE_ROWS = 16  # V rows one staging program copies from host memory (whole chunks, at least one)
+STAGE_WARPS = 2
 MAX_SPLITS = 64  # bounds the reduce's register tile [splits, head_dim]
 PROGRAMS_PER_SM = 4  # split until batch * kv_heads * splits reaches this many programs per SM
 
@@ -171,18 +173,16 @@ def _scores_kernel(
     for t in range(start, end, BLOCK_N):
         pos = t + tl.arange(0, BLOCK_N)
         x, _, _ = _tile_logits(qv, k_cache, block_tables + b * max_blocks, pos, end, scale, h, HKV, D, BS, PREC)
+        m_new = tl.maximum(m, tl.max(x, 1))
+        p = tl.exp(x - m_new[:, None])  # [BG, BLOCK_N], shared by the split's sum and the chunks' sums
+        l = l * tl.exp(m - m_new) + tl.sum(p, 1)
+        m = m_new
         if C == 1:
             lse = x
-        else:
-            xc = tl.reshape(x, [BG, BLOCK_N // C, C])
-            top = tl.max(xc, 2)
-            top = tl.where(top == float("-inf"), 0.0, top)  # an empty chunk: exp(-inf) = 0, so its lse is -inf
-            lse = top + tl.log(tl.sum(tl.exp(xc - top[:, :, None]), 2))  # [BG, BLOCK_N // C]
+        else:  # a chunk's log-sum-exp relative to the tile's max; a chunk far below it (mass < e^-87) gets -inf
+            lse = m_new[:, None] + tl.log(tl.sum(tl.reshape(p, [BG, BLOCK_N // C, C]), 2))  # [BG, BLOCK_N // C]
         ci = t // C + tl.arange(0, BLOCK_N // C)
         tl.store(chunk_lse + head[:, None] * LC + ci[None, :], lse, mask=(g[:, None] < G) & (ci[None, :] * C < end))
-        m_new = tl.maximum(m, tl.max(x, 1))
-        l = l * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new[:, None]), 1)
-        m = m_new
     tl.store(m_out + head * S + s, m, mask=g < G)
     tl.store(l_out + head * S + s, l, mask=g < G)
 
@@ -240,20 +240,38 @@ def _merge_top_kernel(cand, out, C, NP: tl.constexpr, FAN: tl.constexpr):
 
 
 @triton.jit
+def _stage_kernel(keys, v_cache, block_tables, lengths, staged, max_blocks, n, HKV: tl.constexpr, D: tl.constexpr,
+                  BS: tl.constexpr, NP: tl.constexpr, C: tl.constexpr, CH: tl.constexpr, NSEL: tl.constexpr):
+    """Copy CH selected chunks of one selection from the (host) pool to staged [B, Hkv, 1|G, NP * C, D] on the device,
+    each chunk one contiguous read. Many small programs keep many host reads in flight at once."""
+    row, p = tl.program_id(0), tl.program_id(1)  # row: the selection, b * Hkv * NSEL + h * NSEL + sel
+    b, h = row // (NSEL * HKV), (row // NSEL) % HKV
+    length = tl.load(lengths + b)
+    r = tl.arange(0, CH * C)
+    d = tl.arange(0, D)
+    j = p * CH + r // C  # [CH * C] which selected chunk each row belongs to
+    chunk = tl.load(keys + row * NP + j, mask=j < n, other=-1).to(tl.int32)  # the low 32 bits; -1 stays -1
+    pos = tl.where(chunk >= 0, chunk * C + r % C, length)  # no chunk: a position past the sequence
+    valid = pos < length
+    rows = _kv_rows(block_tables + b * max_blocks, pos, valid, BS, HKV, h)
+    v = tl.load(v_cache + rows[:, None] * D + d[None, :], mask=valid[:, None], other=0.0)
+    dest = (row * NP * C + p * CH * C + r).to(tl.int64)
+    tl.store(staged + dest[:, None] * D + d[None, :], v, mask=(j < n)[:, None])
+
+
+@triton.jit
 def _gather_kernel(
-    keys, q, k_cache, m_in, l_in, v_cache, block_tables, lengths, out, mass, rows_read, scale, max_blocks, S, n,
+    keys, q, k_cache, m_in, l_in, staged, block_tables, lengths, out, mass, rows_read, scale, max_blocks, S, n,
     HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BS: tl.constexpr, BG: tl.constexpr, SP: tl.constexpr,
     NP: tl.constexpr, C: tl.constexpr, TILE: tl.constexpr, GROUP: tl.constexpr, RENORM: tl.constexpr,
     PREC: tl.constexpr,
 ):
-    """Weighted sum over one selection's chunks, V read in place from the (host) pool.
+    """Weighted sum over one selection's chunks, their V rows staged on the device by _stage_kernel.
 
     group: selection sel = 0 serves all G heads of the KV head; head: selection sel serves query head sel.
-    keys [B, Hkv, 1|G, NP] hold the selected chunks in their low 32 bits (-1: none), the first n of them used.
-    TILE chunks (TILE * C rows) are loaded as one tile, so that all their PCIe reads are in flight at once; the
-    rows of a chunk are contiguous in the pool. Each token's weight is its exact softmax weight: its logit again
-    from K (a device read of the few selected rows), normalised by the scan's global max and sum.
-    rows_read [B, Hkv, 1|G] counts the V rows read.
+    keys [B, Hkv, 1|G, NP] hold the selected chunks in their low 32 bits (-1: none), the first n of them used,
+    TILE at a time. Each token's weight is its exact softmax weight: its logit again from K (a device read of the
+    few selected rows), normalised by the scan's global max and sum. rows_read [B, Hkv, 1|G] counts the V rows read.
     """
     b, h, sel = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     bh = b * HKV + h
@@ -264,6 +282,7 @@ def _gather_kernel(
     g = tl.arange(0, BG)
     d = tl.arange(0, D)
     r = tl.arange(0, TILE * C)
+    base = (bh * tl.num_programs(2) + sel).to(tl.int64) * NP * C  # this selection's rows in staged
     mine = (g < G) if GROUP else (g == sel)  # [BG] query heads served here
     acc = tl.zeros([BG, D], tl.float32)
     kept = tl.zeros([BG], tl.float32)
@@ -273,9 +292,9 @@ def _gather_kernel(
         key = tl.load(keys + (bh * tl.num_programs(2) + sel) * NP + j, mask=j < n, other=-1)
         chunk = key.to(tl.int32)  # truncation keeps the low 32 bits; -1 stays -1
         pos = tl.where(chunk >= 0, chunk * C + r % C, length)  # no chunk: a position past the sequence
-        x, rows, valid = _tile_logits(qv, k_cache, table_row, pos, length, scale, h, HKV, D, BS, PREC)
+        x, _, valid = _tile_logits(qv, k_cache, table_row, pos, length, scale, h, HKV, D, BS, PREC)
         w = tl.exp(tl.where(mine[:, None], x, float("-inf")) - top[:, None]) / z[:, None]  # [BG, TILE * C]
-        v = tl.load(v_cache + rows[:, None] * D + d[None, :], mask=valid[:, None], other=0.0)  # [TILE * C, D]
+        v = tl.load(staged + (base + c0 * C + r)[:, None] * D + d[None, :], mask=valid[:, None], other=0.0)
         acc += tl.dot(w, v.to(tl.float32), input_precision="ieee")  # float32 like the reference
         kept += tl.sum(w, 1)
         read += tl.sum(valid.to(tl.int32), 0)
@@ -356,12 +375,19 @@ def gather_chunks(keys, q, k_cache, m, l, v_cache, block_tables, lengths, cfg: K
     B, H, D, bs, Hkv, G, L = _shapes(q, k_cache, block_tables)
     nsel, NP = keys.shape[2], keys.shape[3]
     c = cfg.chunk_tokens
+    n = cfg.chunk_budget
+    staged = torch.empty(B, Hkv, nsel, NP * c, D, dtype=v_cache.dtype, device=q.device)
+    ch = max(1, STAGE_ROWS // c)
+    _stage_kernel[(B * Hkv * nsel, triton.cdiv(n, ch))](
+        keys, v_cache, block_tables, lengths, staged, block_tables.shape[1], n, HKV=Hkv, D=D, BS=bs, NP=NP, C=c,
+        CH=ch, NSEL=nsel, num_warps=STAGE_WARPS,
+    )
     out = torch.empty_like(q)
     mass = torch.empty(B, H, dtype=torch.float32, device=q.device)
     rows = torch.empty(B, Hkv, nsel, dtype=torch.int32, device=q.device)
     _gather_kernel[(B, Hkv, nsel)](
-        keys, q, k_cache, m, l, v_cache, block_tables, lengths, out, mass, rows, scale, block_tables.shape[1],
-        m.shape[-1], cfg.chunk_budget, HKV=Hkv, G=G, D=D, BS=bs, BG=_pad_rows(G), SP=triton.next_power_of_2(m.shape[-1]),
+        keys, q, k_cache, m, l, staged, block_tables, lengths, out, mass, rows, scale, block_tables.shape[1],
+        m.shape[-1], n, HKV=Hkv, G=G, D=D, BS=bs, BG=_pad_rows(G), SP=triton.next_power_of_2(m.shape[-1]),
         NP=NP, C=c, TILE=max(1, min(NP, GATHER_ROWS // c)), GROUP=cfg.selection == "group", RENORM=cfg.renormalize,
         PREC=_dot_precision(q.dtype), num_warps=4,
     )
