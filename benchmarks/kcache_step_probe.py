@@ -6,7 +6,7 @@ it prints ms per step for the K scan, the top-N selection, the gather and the wh
 and FullKV at the batch that fits on the device beside its V. Floors: the scan reads every K byte once from HBM; the
 gather reads `budget` V rows per KV head from host memory at PCIe speed (47 GB/s measured on the lent H200).
 
-    python benchmarks/kcache_step_probe.py [BATCH CONTEXT]     # default 25 32768; JSON to $OUT
+    python benchmarks/kcache_step_probe.py [BATCH CONTEXT [parts]]  # default 25 32768; parts: the gather's parts only
 """
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ import os
 import sys
 
 import torch
+import triton
 
 from attention_microbench import hbm_read_bandwidth, time_graph  # same folder
 from kcache.attention import triton_decode as td
@@ -30,7 +31,7 @@ def per_step_ms(fn) -> float:
     return time_graph(fn, calls=1, replays=10) * 1e3
 
 
-def kcache_rows(batch: int, context: int, hbm: float) -> list[dict]:
+def kcache_rows(batch: int, context: int, hbm: float, parts_only: bool = False) -> list[dict]:
     dev = torch.device("cuda")
     nb = batch * context // BS
     k = torch.randn(LAYERS, nb, HKV, BS, D, device=dev, dtype=torch.bfloat16)
@@ -42,7 +43,7 @@ def kcache_rows(batch: int, context: int, hbm: float) -> list[dict]:
     scale = D ** -0.5
     k_bytes = batch * context * HKV * D * 2 * LAYERS
     rows = []
-    for chunk, top_n in SETTINGS:
+    for chunk, top_n in [] if parts_only else SETTINGS:
         cfg = KCacheConfig(top_n=top_n, chunk_tokens=chunk)
         scores = lambda l: td.chunk_scores(q, k[l], tables, lens, chunk, scale)  # noqa: E731
         scan = per_step_ms(lambda: [scores(l) for l in range(LAYERS)])
@@ -55,7 +56,9 @@ def kcache_rows(batch: int, context: int, hbm: float) -> list[dict]:
                      "gather_GBps": v_bytes / gather / 1e6 if gather > 0 else None,
                      "scan_floor_ms": k_bytes / hbm * 1e3, "gather_floor_ms": v_bytes / PCIE * 1e3})
         print(json.dumps(rows[-1]), flush=True)
-    rows += stage_sweep(q, k, v, tables, lens, scale)
+    if not parts_only:
+        rows += stage_sweep(q, k, v, tables, lens, scale)
+    rows += gather_parts(q, k, v, tables, lens, scale, nb)
     del k
     torch.cuda.cudart().cudaHostUnregister(v.data_ptr())
     return rows
@@ -79,6 +82,34 @@ def stage_sweep(q, k, v, tables, lens, scale) -> list[dict]:
     return out
 
 
+def gather_parts(q, k, v, tables, lens, scale, nb) -> list[dict]:
+    """The gather's two launches timed apart (chunk_tokens 8, top_n 64): the host copy per layer, the same copy of
+    every layer's chunks in one launch (tables offset into each layer's pool), and the weighted sum alone."""
+    cfg = KCacheConfig(top_n=64, chunk_tokens=8)
+    B, NP, n = q.shape[0], cfg.selection_width, cfg.chunk_budget
+    keys = torch.stack([td.select_chunks(*td.chunk_scores(q, k[l], tables, lens, 8, scale), lens, cfg)
+                        for l in range(LAYERS)])  # [layers, B, Hkv, 1, NP]
+    staged = torch.empty(LAYERS, B, HKV, 1, NP * 8, D, device=q.device, dtype=v.dtype)
+
+    def stage(keys_, pool, tables_, lens_, out):
+        td._stage_kernel[(keys_.shape[0] * HKV, triton.cdiv(n, 2))](
+            keys_, pool, tables_, lens_, out, tables_.shape[1], n, HKV=HKV, D=D, BS=BS, NP=NP, C=8, CH=2, NSEL=1,
+            num_warps=2)
+
+    per_layer = per_step_ms(lambda: [stage(keys[l], v[l], tables, lens, staged[l]) for l in range(LAYERS)])
+    offset = (torch.arange(LAYERS, device=q.device, dtype=torch.int32) * nb).view(LAYERS, 1, 1)
+    all_tables = (tables[None] + offset).view(LAYERS * B, -1)  # layer l's blocks in the flat [layers * nb] pool
+    flat = v.view(LAYERS * nb, HKV, BS, D)
+    one_launch = per_step_ms(lambda: stage(keys.view(LAYERS * B, HKV, 1, NP), flat, all_tables, lens.repeat(LAYERS),
+                                           staged))
+    v_bytes = B * LAYERS * HKV * cfg.budget * D * 2
+    rows = [{"part": "host copy, one launch per layer", "ms": per_layer, "GBps": v_bytes / per_layer / 1e6},
+            {"part": "host copy, all layers in one launch", "ms": one_launch, "GBps": v_bytes / one_launch / 1e6}]
+    for r in rows:
+        print(json.dumps(r), flush=True)
+    return rows
+
+
 def full_row(batch: int, context: int, hbm: float) -> dict:
     dev = torch.device("cuda")
     nb = batch * context // BS
@@ -95,11 +126,13 @@ def full_row(batch: int, context: int, hbm: float) -> dict:
 
 
 if __name__ == "__main__":
-    batch, context = map(int, sys.argv[1:3]) if len(sys.argv) > 1 else (25, 32768)
+    batch, context = map(int, sys.argv[1:3]) if len(sys.argv) > 2 else (25, 32768)
+    parts_only = sys.argv[3:] == ["parts"]
     hbm = hbm_read_bandwidth()
     print(f"HBM streaming read: {hbm / 1e12:.2f} TB/s", flush=True)
-    result = {"card": torch.cuda.get_device_name(), "hbm_read_Bps": hbm, "kcache": kcache_rows(batch, context, hbm),
-              "full": full_row(batch // 2, context, hbm)}
+    result = {"card": torch.cuda.get_device_name(), "hbm_read_Bps": hbm, "kcache": kcache_rows(batch, context, hbm, parts_only)}
+    if not parts_only:
+        result["full"] = full_row(batch // 2, context, hbm)
     if os.environ.get("OUT"):
         with open(os.path.join(os.environ["OUT"], "kcache_step_probe.json"), "w") as f:
             json.dump(result, f, indent=1)
