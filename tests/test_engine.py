@@ -187,10 +187,10 @@ def test_block_tables_grow_and_map_positions_to_slots(llama):
     assert len(seq.block_table) == 100 and list(seq.block_table) == shuffled and seq.block_table[99] == shuffled[99]
     bs = engine.cfg.block_size
     want = [shuffled[p // bs] * bs + p % bs for p in range(1000, 1500)]
-    assert engine.runner._slots(seq, 1000, 1500).tolist() == want
+    assert engine.runner.slots(seq, 1000, 1500).tolist() == want
     short = Sequence("t", [1, 2], GREEDY)
     short.block_table.extend([5])
-    tables = engine.runner._block_tables([seq, short])
+    tables = engine.runner.block_tables([seq, short])
     assert tables.shape == (2, 100) and tables[0].tolist() == shuffled and tables[1].tolist() == [5] + [0] * 99
 
 
