@@ -246,3 +246,28 @@ def test_cuda_graphs_decode_and_measure_as_eager_does(tmp_path, cache):
             assert graphed.metrics[key] == pytest.approx(eager.metrics[key], rel=1e-5), key
     if cache == "kcache":
         assert all(o.metrics["v_bytes_read"] > 0 and o.metrics["mass_kept_mean"] < 1 for o in outs[False])
+
+
+def test_new_text_streams_the_final_text_and_holds_back_a_stop_string(tiny_chat_model):
+    loaded = loader.load(str(tiny_chat_model), device="cpu")
+    engine = make_engine(loaded, "full")
+    prompt = loaded.tokenizer("Once upon a time", add_special_tokens=False)["input_ids"]
+    free = run_all(engine, [prompt], SamplingParams(max_tokens=24, ignore_eos=True))[0]
+    stop = free.text[len(free.text) // 2:len(free.text) // 2 + 3]
+    for stops in ((), (stop,)):
+        params = SamplingParams(max_tokens=24, ignore_eos=True, stream_text=True, stop=stops)
+        pieces = []
+        engine.add_request(prompt, params, on_output=pieces.append)
+        while engine.has_unfinished():
+            engine.step()
+        final = pieces[-1]
+        # the pieces add up to the final text: a piece sent too early (a stop string's start) would not be cut off
+        assert final.finished and "".join(p.new_text for p in pieces) == final.text
+        assert final.text == (free.text[:free.text.index(stop)] if stops else free.text)
+        if not stops:  # it streamed, not all at the end (with the stop string, the end may come at once)
+            assert sum(bool(p.new_text) for p in pieces[:-1]) > 1
+    quiet = []  # without stream_text the text comes once, at the end
+    engine.add_request(prompt, SamplingParams(max_tokens=24, ignore_eos=True), on_output=quiet.append)
+    while engine.has_unfinished():
+        engine.step()
+    assert [p.new_text for p in quiet] == [""] * (len(quiet) - 1) + [free.text]

@@ -134,8 +134,9 @@ class ModelRunner:
         """Teacher forcing: the n tokens of seq after its cached ones each attend as a decode step would (KCache
         active), all in one pass since they share one block table; (logits [n, V] at each of them, what it measured)."""
         c = seq.num_cached
-        logits = self.run("score", dict(ids=seq.token_ids[c:c + n], pos=list(range(c, c + n)), slots=self.slots(seq, c, c + n),
-                                        tables=self.block_tables([seq]), lens=list(range(c + 1, c + n + 1))))
+        logits = self.run("score", dict(ids=seq.token_ids[c:c + n], pos=list(range(c, c + n)),
+                                        slots=self.slots(seq, c, c + n), tables=self.block_tables([seq]),
+                                        lens=list(range(c + 1, c + n + 1))))
         return logits, self._measured(n)
 
     def _score(self, ids, pos, slots, tables, lens):

@@ -102,7 +102,8 @@ class Scheduler:
             seq.token_ids.append(token)
             seq.token_times.append(now)
         if stats is not None:
-            for seq, total, low, v_bytes in zip(seqs, stats.mass_sum.tolist(), stats.mass_min.tolist(), stats.v_bytes.tolist()):
+            rows = zip(seqs, stats.mass_sum.tolist(), stats.mass_min.tolist(), stats.v_bytes.tolist())
+            for seq, total, low, v_bytes in rows:
                 seq.stats.add_step(total, stats.samples, low, int(v_bytes))
         return seqs
 
