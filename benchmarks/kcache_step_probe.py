@@ -125,7 +125,7 @@ def full_row(batch: int, context: int, hbm: float) -> dict:
     return row
 
 
-if __name__ == "__main__":
+def main():
     batch, context = map(int, sys.argv[1:3]) if len(sys.argv) > 2 else (25, 32768)
     parts_only = sys.argv[3:] == ["parts"]
     hbm = hbm_read_bandwidth()
@@ -136,3 +136,7 @@ if __name__ == "__main__":
     if os.environ.get("OUT"):
         with open(os.path.join(os.environ["OUT"], "kcache_step_probe.json"), "w") as f:
             json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -43,18 +43,27 @@ def non_negative_int(text: str) -> int:
     return value
 
 
+def _default(name: str):
+    """EngineConfig's default for a field: the one place defaults live."""
+    from kcache.config import EngineConfig
+
+    return EngineConfig.model_fields[name].default
+
+
 def add_engine_args(p: argparse.ArgumentParser) -> None:
     """Model, cache and memory options shared by every subcommand that runs the engine."""
+    d = _default
     g = p.add_argument_group("model")
-    g.add_argument("--model", default="smollm2", help="'smollm2' (bundled), a Hugging Face folder, a .gguf file, or a preset/config.json with --load-format dummy")
-    g.add_argument("--load-format", choices=["auto", "dummy"], default="auto", help="dummy: random weights of the model's shapes")
-    g.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto", help="auto: float32 on CPU, bfloat16 on CUDA")
-    g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
-    g.add_argument("--max-model-len", type=positive_int, default=None, help="context length (default: the model's)")
-    g.add_argument("--tensor-parallel-size", type=positive_int, default=1,
+    g.add_argument("--model", default=d("model"), help="'smollm2' (bundled), a Hugging Face folder, a .gguf file, or a preset/config.json with --load-format dummy")
+    g.add_argument("--load-format", choices=["auto", "dummy"], default=d("load_format"), help="dummy: random weights of the model's shapes")
+    g.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default=d("dtype"), help="auto: float32 on CPU, bfloat16 on CUDA")
+    g.add_argument("--device", default=d("device"), help="auto, cpu, cuda, cuda:1 ...")
+    g.add_argument("--max-model-len", type=positive_int, default=d("max_model_len"), help="context length (default: the model's)")
+    g.add_argument("--tensor-parallel-size", type=positive_int, default=d("tensor_parallel_size"),
                    help="split the model over N GPUs (N processes; gloo processes on CPU)")
     c = p.add_argument_group("cache")
-    c.add_argument("--cache", choices=["kcache", "full"], default="kcache", help="kcache: V in host memory, top-N decode; full: ordinary KV cache")
+    c.add_argument("--cache", choices=["kcache", "full"], default=d("cache"), help="kcache: V in host memory, top-N decode; full: ordinary KV cache")
+    # KCache options default to None: only those given override KCacheConfig's defaults
     c.add_argument("--top-n", type=positive_int, default=None, help="tokens whose V rows are read per head/group per step")
     c.add_argument("--selection", choices=["group", "head"], default=None, help="one selection per KV group or per query head")
     c.add_argument("--renormalize", action=argparse.BooleanOptionalAction, default=None, help="renormalize the kept weights")
@@ -65,14 +74,14 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="tokens per selected chunk, read from host memory as one piece (a power of two dividing "
                         "--block-size; 1: token-level selection)")
     m = p.add_argument_group("memory")
-    m.add_argument("--block-size", type=positive_int, default=16)
-    m.add_argument("--max-num-seqs", type=positive_int, default=256, help="largest decode batch")
-    m.add_argument("--max-num-batched-tokens", type=positive_int, default=2048, help="prefill tokens per step")
-    m.add_argument("--device-memory-fraction", type=float, default=0.9, help="share of device memory kcache may use (CUDA)")
+    m.add_argument("--block-size", type=positive_int, default=d("block_size"))
+    m.add_argument("--max-num-seqs", type=positive_int, default=d("max_num_seqs"), help="largest decode batch")
+    m.add_argument("--max-num-batched-tokens", type=positive_int, default=d("max_num_batched_tokens"), help="prefill tokens per step")
+    m.add_argument("--device-memory-fraction", type=float, default=d("device_memory_fraction"), help="share of device memory kcache may use (CUDA)")
     m.add_argument("--device-cache-gb", type=float, default=None, help="explicit device pool size in GiB (per GPU under TP)")
-    m.add_argument("--enforce-eager", action="store_true", help="run decode without CUDA graphs")
+    m.add_argument("--enforce-eager", action="store_true", default=d("enforce_eager"), help="run decode without CUDA graphs")
     m.add_argument("--host-cache-gb", type=float, default=None, help="host V pool size in GiB, per rank under TP (default: as many tokens as the device pool)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=d("seed"))
     p.add_argument("-v", "--verbose", action="store_true", help="log the pool sizes and other engine details")
 
 

@@ -78,6 +78,7 @@ class SamplingParams(_Frozen):
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
+    stream_text: bool = Field(False, description="decode each step's new text into RequestOutput.new_text (streaming)")
 
     @property
     def greedy(self) -> bool:

@@ -37,21 +37,15 @@ def read_prompt(args) -> str:
 
 
 class TextStreamer:
-    """Prints the completion as it grows; holds back an incomplete UTF-8 character."""
+    """Prints the completion as the engine decodes it (RequestOutput.new_text)."""
 
-    def __init__(self, tokenizer, out):
-        self.tokenizer, self.out, self.printed = tokenizer, out, 0
+    def __init__(self, out):
+        self.out = out
 
     def __call__(self, output) -> None:
-        text = self.tokenizer.decode(output.token_ids, skip_special_tokens=True)
-        if output.finished:
-            text = output.text
-        elif text.endswith("\ufffd"):
-            return
-        if len(text) > self.printed:
-            self.out.write(text[self.printed:])
+        if output.new_text:
+            self.out.write(output.new_text)
             self.out.flush()
-            self.printed = len(text)
 
 
 def run(args) -> int:
@@ -63,7 +57,7 @@ def run(args) -> int:
     if not prompt.strip():
         raise CLIError("the prompt is empty")
     params = SamplingParams(max_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                            top_p=args.top_p, seed=args.seed, ignore_eos=args.ignore_eos)
+                            top_p=args.top_p, seed=args.seed, ignore_eos=args.ignore_eos, stream_text=True)
     engine = LLMEngine(engine_config_from_args(args, max_num_seqs=1))
     if engine.tokenizer is None:
         raise CLIError("this model has no tokenizer files; generate needs text (use `kcache bench` for dummy weights)")
@@ -73,7 +67,7 @@ def run(args) -> int:
             raise CLIError("this model has no chat template; drop --chat")
         ids = chat_ids(engine.tokenizer, prompt)
     final = {}
-    streamer = TextStreamer(engine.tokenizer, sys.stdout)
+    streamer = TextStreamer(sys.stdout)
 
     def on_output(out):
         streamer(out)
@@ -82,17 +76,20 @@ def run(args) -> int:
 
     t0 = time.perf_counter()
     engine.add_request(ids, params, on_output=on_output)
+    steps = []
     while engine.has_unfinished():
         engine.step()
+        if engine.last_step is not None:
+            steps.append(engine.last_step)
     sys.stdout.write("\n")
-    print_stats(engine, final["out"], time.perf_counter() - t0)
+    print_stats(engine, final["out"], steps, time.perf_counter() - t0)
     return 0
 
 
-def print_stats(engine, out, seconds: float) -> None:
+def print_stats(engine, out, steps, seconds: float) -> None:
     m, mem = out.metrics, engine.memory()
-    prefill = sum(s.seconds for s in engine.steps if s.is_prefill)
-    decode_steps = [s for s in engine.steps if not s.is_prefill]
+    prefill = sum(s.seconds for s in steps if s.is_prefill)
+    decode_steps = [s for s in steps if not s.is_prefill]
     decode_s = sum(s.seconds for s in decode_steps)
     rows = [
         ("cache", engine.cfg.cache + (f" (top_n={engine.cfg.kcache.top_n}, selection={engine.cfg.kcache.selection}, "

@@ -7,6 +7,7 @@ import torch
 from tqdm.auto import tqdm
 
 from kcache.config import EngineConfig, KCacheConfig, SamplingParams
+from kcache.engine import scoring
 from kcache.engine.llm_engine import LLMEngine, RequestOutput
 from kcache.engine.sequence import Sequence
 
@@ -58,10 +59,6 @@ class LLM:
                         bar.update(1)
         return [done[i] for i in ids]
 
-    def chat_prompt(self, message: str) -> list[int]:
-        """Token ids of one user message under the model's chat template."""
-        return chat_ids(self.tokenizer, message)
-
     def score(self, token_ids: list[int], prefix_len: int, chunk: int = 64) -> ScoreOutput:
         """Teacher-forced scoring: prefill token_ids[:prefix_len] exactly, then every later token as a decode step
         (KCache active) fed the true previous tokens. Logits at positions prefix_len-1 .. len-2."""
@@ -75,18 +72,11 @@ class LLM:
             raise ValueError("the text does not fit in the cache")
         eng.blocks.allocate(seq)
         try:
-            seq.token_ids = list(token_ids[:prefix_len])
-            logits = [eng.runner.prefill([(seq, prefix_len)])]  # predicts token prefix_len
-            mass = [torch.ones(1)]
-            seq.token_ids = list(token_ids)
-            for start in range(prefix_len, len(token_ids) - 1, chunk):
-                n = min(chunk, len(token_ids) - 1 - start)
-                logits.append(eng.runner.score_chunk(seq, n))
-                mass.append(self._mean_mass(n))
-            return ScoreOutput(torch.cat(logits).cpu(), torch.cat(mass))
+            logits, mass = [scoring.prefill(eng.runner, seq, prefix_len).cpu()], [torch.ones(1)]  # predicts token prefix_len
+            if seq.num_cached < len(token_ids) - 1:
+                forced, kept = scoring.teacher_force(eng.runner, seq, len(token_ids) - 1, chunk)
+                logits.append(forced)
+                mass.append(kept)
+            return ScoreOutput(torch.cat(logits), torch.cat(mass))
         finally:
             eng.blocks.release(seq)
-
-    def _mean_mass(self, n: int) -> torch.Tensor:
-        stats = self.engine.cache.decode_stats(n)
-        return torch.ones(n) if stats is None else stats.mass_mean().cpu()

@@ -187,10 +187,10 @@ def test_block_tables_grow_and_map_positions_to_slots(llama):
     assert len(seq.block_table) == 100 and list(seq.block_table) == shuffled and seq.block_table[99] == shuffled[99]
     bs = engine.cfg.block_size
     want = [shuffled[p // bs] * bs + p % bs for p in range(1000, 1500)]
-    assert engine.runner._slots(seq, 1000, 1500).tolist() == want
+    assert engine.runner.slots(seq, 1000, 1500).tolist() == want
     short = Sequence("t", [1, 2], GREEDY)
     short.block_table.extend([5])
-    tables = engine.runner._block_tables([seq, short])
+    tables = engine.runner.block_tables([seq, short])
     assert tables.shape == (2, 100) and tables[0].tolist() == shuffled and tables[1].tolist() == [5] + [0] * 99
 
 
@@ -218,3 +218,56 @@ def test_stop_string_ends_the_completion_at_its_token(tiny_chat_model):
     # generation ends at the first token whose text completes the stop string, as decoding everything would find
     first = next(n for n in range(1, 25) if stop in tok.decode(free.token_ids[:n], skip_special_tokens=True))
     assert stopped.token_ids == free.token_ids[:first]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("cache", ["full", "kcache"])
+def test_cuda_graphs_decode_and_measure_as_eager_does(tmp_path, cache):
+    """Replayed graphs pad the batch into the scratch block and record stats in the buffers they were captured
+    with: tokens and per-request stats equal eager decoding's, and the block manager never hands the scratch out."""
+    save_tiny("llama", tmp_path, seed=1)
+    loaded = loader.load(str(tmp_path), dtype="float32", device="cuda")
+    kcfg = KCacheConfig(top_n=8, dense_layers=1)
+    ps = prompts(5, seed=7)  # 5 sequences: the batch pads up to bucket 8
+    outs = {}
+    for eager in (False, True):
+        engine = LLMEngine(EngineConfig(model="unused", cache=cache, kcache=kcfg, device="cuda", max_model_len=256,
+                                        max_num_seqs=16, device_cache_bytes=16 << 20, host_cache_bytes=16 << 20,
+                                        enforce_eager=eager), loaded)
+        assert bool(engine.runner.graphs) != eager
+        plan = engine.plan
+        assert (plan.scratch_block is None) == eager and engine.blocks.num_blocks == plan.usable_blocks
+        outs[eager] = run_all(engine, ps, GREEDY, check=blocks_consistent)
+        engine.close()
+    for graphed, eager in zip(outs[False], outs[True]):
+        assert graphed.token_ids == eager.token_ids
+        for key in ("mass_kept_mean", "mass_kept_min", "v_bytes_read"):
+            assert graphed.metrics[key] == pytest.approx(eager.metrics[key], rel=1e-5), key
+    if cache == "kcache":
+        assert all(o.metrics["v_bytes_read"] > 0 and o.metrics["mass_kept_mean"] < 1 for o in outs[False])
+
+
+def test_new_text_streams_the_final_text_and_holds_back_a_stop_string(tiny_chat_model):
+    loaded = loader.load(str(tiny_chat_model), device="cpu")
+    engine = make_engine(loaded, "full")
+    prompt = loaded.tokenizer("Once upon a time", add_special_tokens=False)["input_ids"]
+    free = run_all(engine, [prompt], SamplingParams(max_tokens=24, ignore_eos=True))[0]
+    stop = free.text[len(free.text) // 2:len(free.text) // 2 + 3]
+    for stops in ((), (stop,)):
+        params = SamplingParams(max_tokens=24, ignore_eos=True, stream_text=True, stop=stops)
+        pieces = []
+        engine.add_request(prompt, params, on_output=pieces.append)
+        while engine.has_unfinished():
+            engine.step()
+        final = pieces[-1]
+        # the pieces add up to the final text: a piece sent too early (a stop string's start) would not be cut off
+        assert final.finished and "".join(p.new_text for p in pieces) == final.text
+        assert final.text == (free.text[:free.text.index(stop)] if stops else free.text)
+        if not stops:  # it streamed, not all at the end (with the stop string, the end may come at once)
+            assert sum(bool(p.new_text) for p in pieces[:-1]) > 1
+    quiet = []  # without stream_text the text comes once, at the end
+    engine.add_request(prompt, SamplingParams(max_tokens=24, ignore_eos=True), on_output=quiet.append)
+    while engine.has_unfinished():
+        engine.step()
+    assert [p.new_text for p in quiet] == [""] * (len(quiet) - 1) + [free.text]

@@ -71,3 +71,25 @@ def test_smollm2_matches_transformers(smollm2):
     ours = our_greedy(engine, prompts, 64)
     for prompt, got in zip(prompts, ours):
         assert got == hf_greedy(hf_model, prompt, 64)
+
+
+@pytest.mark.parametrize("cache", ["full", "kcache"])
+def test_score_matches_teacher_forced_transformers(tiny_checkpoint, cache):
+    """LLM.score: an exact prefill, then chunks of teacher-forced tokens, each at its own position; KCache with a
+    top_n covering the context is exact too."""
+    from kcache import LLM
+
+    arch, folder, hf_model = tiny_checkpoint
+    llm = LLM(str(folder), cache if cache == "full" else KCacheConfig(top_n=1024), max_model_len=256, device="cpu",
+              device_cache_bytes=16 << 20, host_cache_bytes=16 << 20)
+    ids = [int(t) for t in torch.randint(3, 500, (40,), generator=torch.Generator().manual_seed(1))]
+    prefix = 7
+    try:
+        got = llm.score(ids, prefix, chunk=8)  # 32 teacher-forced tokens: 4 chunks
+    finally:
+        llm.engine.close()
+    with torch.no_grad():
+        ref = hf_model(torch.tensor([ids])).logits[0, prefix - 1:-1]  # row j predicts token prefix + j
+    assert got.logits.shape == ref.shape
+    torch.testing.assert_close(got.logits, ref, atol=1e-4, rtol=1e-4, msg=arch)
+    torch.testing.assert_close(got.mass_kept, torch.ones(len(ids) - prefix), atol=1e-5, rtol=0)

@@ -166,6 +166,10 @@ BAD = {
     "other kcache settings": ("completions", {**OK, "kcache": {"top_n": 32}}, 400, "kcache"),
     "bad kcache field": ("completions", {**OK, "kcache": {"top_m": 8}}, 400, "kcache"),
     "oversized body": ("completions", {**OK, "prompt": "x" * (1 << 20)}, 413, None),
+    # valid JSON (json.dumps escapes it as \\ud83d) that the tokenizer refuses
+    "lone surrogate in a chat message": ("chat/completions", {**CHAT_OK, "messages": [{"role": "user", "content": "\ud83d hi"}]},
+                                         400, "messages"),
+    "lone surrogate in a prompt": ("completions", {**OK, "prompt": "\ud83d hi"}, 400, "prompt"),
 }
 
 

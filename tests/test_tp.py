@@ -98,7 +98,7 @@ def test_a_retired_group_lets_the_next_engine_start_one():
     from kcache.distributed import comm
 
     comm.init(0, 1, comm.free_port(), torch.device("cpu"))
-    comm._retire(dist.distributed_c10d._get_default_group())
+    comm.retire(dist.distributed_c10d._get_default_group())
     assert not dist.is_initialized()
     comm.init(0, 1, comm.free_port(), torch.device("cpu"))
     x = torch.ones(3)

@@ -108,20 +108,24 @@ def measure(engine, requests) -> dict:
     t0 = time.perf_counter()
     for ids, out_len in requests:
         engine.add_request(ids, SamplingParams(max_tokens=out_len, ignore_eos=True))
-    finished = []
+    finished, steps = [], []
     with tqdm(total=len(requests), desc=f"bench {engine.cfg.cache}", unit="req", file=sys.stderr) as bar:
         while engine.has_unfinished():
             for out in engine.step():
                 if out.finished:
                     finished.append(out)
                     bar.update(1)
+            if engine.last_step is not None:
+                steps.append(engine.last_step)
     if engine.device.type == "cuda":
         torch.cuda.synchronize()
-    return summarize(engine, finished, time.perf_counter() - t0)
+    return summarize(engine, finished, steps, time.perf_counter() - t0)
 
 
-def summarize(engine, finished, elapsed: float) -> dict:
-    decode = [s for s in engine.steps if not s.is_prefill]
+def summarize(engine, finished, steps, elapsed: float) -> dict:
+    """The run's numbers from its finished outputs and its engine steps (StepRecords)."""
+    prefill = [s for s in steps if s.is_prefill]
+    decode = [s for s in steps if not s.is_prefill]
     decode_s = sum(s.seconds for s in decode)
     # Steady state: the decode steps that ran the largest batch (ramp-up and draining steps run fewer sequences).
     full_batch = [s for s in decode if s.num_tokens == engine.scheduler.max_running]
@@ -141,8 +145,8 @@ def summarize(engine, finished, elapsed: float) -> dict:
         "full_batch_decode_steps": len(full_batch),
         "mean_decode_batch": sum(s.num_tokens for s in decode) / len(decode) if decode else float("nan"),
         "decode_seconds": decode_s,
-        "prefill_seconds": sum(s.seconds for s in engine.steps if s.is_prefill),
-        "prefill_tokens_per_s": _tokens_per_s([s for s in engine.steps if s.is_prefill]),
+        "prefill_seconds": sum(s.seconds for s in prefill),
+        "prefill_tokens_per_s": _tokens_per_s(prefill),
         "mean_ttft_s": sum(ttft) / len(ttft), "p50_ttft_s": percentile(ttft, 50), "p99_ttft_s": percentile(ttft, 99),
         "mean_tpot_s": sum(tpot) / len(tpot) if tpot else float("nan"),
         "p50_tpot_s": percentile(tpot, 50), "p99_tpot_s": percentile(tpot, 99),

@@ -1,1 +1,1 @@
-"""Tensor parallelism: how weights split over ranks (sharding), the process group (comm), the worker processes (worker)."""
+"""Tensor parallelism's low-level parts: how weights split over ranks (sharding) and the process group (comm)."""

@@ -40,12 +40,12 @@ def destroy() -> None:
 
     NCCL's teardown deadlocked on the lent 2-GPU machines under torch 2.11: destroy_process_group with every rank
     in it (H100), and rank 0's local abort after the workers had exited (H200). So on GPUs the workers leave by
-    exiting their process (`exit_worker`), and rank 0 retires its group without calling into NCCL (`_retire`).
+    exiting their process (`exit_worker`), and rank 0 retires its group without calling into NCCL (`retire`).
     Gloo tears down cleanly."""
     global _threads_before
     if uses_nccl():
         torch.cuda.synchronize()
-        _retire(dist.distributed_c10d._get_default_group())
+        retire(dist.distributed_c10d._get_default_group())
     elif dist.is_initialized():
         dist.destroy_process_group()
     if _threads_before is not None:
@@ -53,7 +53,7 @@ def destroy() -> None:
         _threads_before = None
 
 
-def _retire(group) -> None:
+def retire(group) -> None:
     """Forget the default group, as destroy_process_group's bookkeeping does, so that a later engine can start a
     new one; but keep the group object alive for the life of the process (one extra reference that nothing drops,
     not even interpreter exit), because its destructor would run the teardown that deadlocks. Its communicator's

@@ -29,23 +29,24 @@ def check(cfg: ModelConfig, tp: int) -> None:
             raise TensorParallelError(f"tensor_parallel_size={tp} does not divide {what}={n}")
 
 
+def resolve_device(name: str) -> torch.device:
+    """The device a name means: "auto" is the GPU when there is one."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
 def check_devices(device: str, tp: int) -> None:
     """Rank r runs on GPU (first + r): refuse more ranks than GPUs (CPU ranks share the machine)."""
-    dev = _base_device(device)
+    dev = resolve_device(device)
     if dev.type == "cuda" and (dev.index or 0) + tp > torch.cuda.device_count():
         raise TensorParallelError(f"tensor_parallel_size={tp} needs {tp} GPUs from cuda:{dev.index or 0}; "
                                   f"{torch.cuda.device_count()} present")
 
 
 def rank_device(device: str, rank: int) -> str:
-    dev = _base_device(device)
+    dev = resolve_device(device)
     return f"cuda:{(dev.index or 0) + rank}" if dev.type == "cuda" else str(dev)
-
-
-def _base_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def shard_config(cfg: ModelConfig, tp: int) -> ModelConfig:

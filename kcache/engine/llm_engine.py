@@ -1,4 +1,10 @@
-"""The engine: requests in, tokens out, one scheduled step at a time."""
+"""The engine: requests in, tokens out, one scheduled step at a time.
+
+A step reads as schedule -> run -> sample -> postprocess -> emit: the scheduler picks the sequences, the runner
+returns logits and what the step measured (DecodeStats, on the device), the sampler fetches both in one copy,
+the scheduler advances the sequences, and the engine checks the stop conditions and emits each request's new
+tokens and text.
+"""
 from __future__ import annotations
 
 import itertools
@@ -9,14 +15,14 @@ from typing import Callable
 import torch
 
 from kcache.config import EngineConfig, SamplingParams
-from kcache.distributed import comm, sharding
-from kcache.distributed.worker import Workers
+from kcache.distributed import comm
 from kcache.engine.block_manager import BlockManager
-from kcache.engine.detokenize import IncrementalDecoder
-from kcache.engine.model_runner import build_runner
+from kcache.engine.detokenize import TextStream
+from kcache.engine.rank import load_rank, start_rank
 from kcache.engine.sampling import sample
 from kcache.engine.scheduler import Scheduler
 from kcache.engine.sequence import Sequence
+from kcache.engine.workers import Workers
 from kcache.models import loader
 
 
@@ -30,10 +36,12 @@ class RequestOutput:
     prompt_token_ids: list[int]
     token_ids: list[int]  # completion so far
     new_token_ids: list[int]  # added by the last step
-    text: str
+    text: str  # the final text, once finished (cut before a stop string)
     finished: bool
     finish_reason: str | None
     metrics: dict = field(default_factory=dict)
+    new_text: str = ""  # text added by the last step, held back while a stop string could claim it (with
+    # SamplingParams(stream_text=True); the finished output carries whatever of `text` was not sent yet)
 
 
 @dataclass
@@ -45,51 +53,41 @@ class StepRecord:
 
 class LLMEngine:
     """Rank 0 of the model: it schedules, runs its shard and samples. With `tensor_parallel_size` N > 1 it starts
-    N-1 worker processes, which load the other shards and follow its steps until `close()`."""
+    N-1 worker processes, which load the other shards and follow its steps until `close()`.
+
+    `last_step` is the StepRecord of the latest step (None if it ran nothing); bench and generate collect them: the
+    engine keeps no trace, so a server runs in constant memory."""
 
     def __init__(self, cfg: EngineConfig, loaded: loader.LoadedModel | None = None):
         self.cfg = cfg
         self.tp = cfg.tensor_parallel_size
         self.workers: Workers | None = None
-        self.loaded = self._load(cfg, loaded)
-        self.model, self.model_config, self.tokenizer = self.loaded.model, self.loaded.config, self.loaded.tokenizer
-        self.device = next(self.model.parameters()).device
-        self.dtype = next(self.model.parameters()).dtype
-        self.max_model_len = cfg.max_model_len or self.model_config.max_position_embeddings
-        self.model_config.check_context(self.max_model_len)
-        self.eos_ids = set(self.model_config.eos_token_ids)
-        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
-            self.eos_ids.add(self.tokenizer.eos_token_id)
+        shard = load_rank(cfg, 0, loaded)  # shape errors surface here, before any worker starts
         try:
-            followers = self._start_workers() if self.tp > 1 else ()
-            self.runner, self.plan = build_runner(cfg, self.model, self.max_model_len, followers)
+            port = self._start_workers() if self.tp > 1 else None
+            rank = start_rank(cfg, 0, port, shard, self.workers.conns if self.workers else ())
         except BaseException:
             self._stop_workers()
             raise
+        self.loaded, self.runner, self.plan, self.max_model_len = rank.loaded, rank.runner, rank.plan, rank.max_model_len
+        self.model, self.model_config, self.tokenizer = self.loaded.model, self.loaded.config, self.loaded.tokenizer
+        self.device = next(self.model.parameters()).device
+        self.eos_ids = set(self.model_config.eos_token_ids)
+        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
+            self.eos_ids.add(self.tokenizer.eos_token_id)
         self.cache = self.runner.cache
-        graphs = bool(self.runner.graphs)
-        self.blocks = BlockManager(self.plan.num_blocks - graphs, cfg.block_size)  # graphs pad into the last block
+        self.blocks = BlockManager(self.plan.usable_blocks, cfg.block_size)
         self.scheduler = Scheduler(self.blocks, cfg.max_num_seqs, cfg.max_num_batched_tokens)
         self.seqs: dict[str, Sequence] = {}
         self.callbacks: dict[str, Callable[[RequestOutput], None]] = {}
-        self.steps: list[StepRecord] = []
+        self.last_step: StepRecord | None = None
         self._ids = itertools.count()
 
-    def _load(self, cfg: EngineConfig, loaded: loader.LoadedModel | None) -> loader.LoadedModel:
-        """The model, or under TP rank 0's shard of it (shape errors surface here, before any worker starts)."""
-        if self.tp == 1:
-            return loaded or loader.load(cfg.model, cfg.load_format, cfg.dtype, cfg.device, cfg.seed)
-        sharding.check_devices(cfg.device, self.tp)
-        if loaded is not None:
-            return loader.shard(loaded, 0, self.tp)
-        return loader.load(cfg.model, cfg.load_format, cfg.dtype, sharding.rank_device(cfg.device, 0), cfg.seed, 0, self.tp)
-
-    def _start_workers(self) -> list:
-        """Ranks 1..N-1, then the process group with them; returns the pipes that carry each step to them."""
+    def _start_workers(self) -> int:
+        """Ranks 1..N-1; returns the port of the process group they are joining."""
         port = comm.free_port()
         self.workers = Workers(self.cfg, port)
-        comm.init(0, self.tp, port, self.device)
-        return self.workers.conns
+        return port
 
     # ---- requests -------------------------------------------------------------------------------------------
 
@@ -137,86 +135,54 @@ class LLMEngine:
     # ---- stepping -------------------------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
+        self.last_step = None
         chunks, is_prefill = self.scheduler.schedule()
         if not chunks:
             return []
         t0 = time.perf_counter()
-        stats_on_device = ()
         if is_prefill:
-            logits = self.runner.prefill(chunks)
-            ready = [(i, s) for i, (s, n) in enumerate(chunks) if self.scheduler.prefilled(s, n)]
+            logits, stats = self.runner.prefill(chunks), None
         else:
-            seqs = [s for s, _ in chunks]
-            logits = self.runner.decode(seqs)
-            stats_on_device = self._decode_summary(len(seqs))
-            for s in seqs:
-                s.num_cached = s.num_tokens
-            ready = list(enumerate(seqs))
-        outputs = []
-        if ready:
-            seqs = [s for _, s in ready]
-            if len(ready) < logits.shape[0]:  # some prefill chunks did not finish their prompt
-                logits = logits[torch.tensor([i for i, _ in ready], device=logits.device)]
-            tokens, stats = sample(logits, [s.params for s in seqs], [s.generator for s in seqs], stats_on_device)
-            if not is_prefill:
-                self._record_decode_stats(seqs, stats)
-            now = time.perf_counter()
-            for seq, tok in zip(seqs, tokens):
-                outputs.append(self._append(seq, tok, now))
-        self.steps.append(StepRecord(is_prefill, time.perf_counter() - t0, sum(n for _, n in chunks)))
+            logits, stats = self.runner.decode([s for s, _ in chunks])
+        tokens, rows = [], self.scheduler.sampled_rows(chunks)
+        if rows:
+            if len(rows) < logits.shape[0]:  # some prefill chunks did not finish their prompt
+                logits = logits[torch.tensor(rows, device=logits.device)]
+            seqs = [chunks[i][0] for i in rows]
+            tokens, stats = sample(logits, [s.params for s in seqs], [s.generator for s in seqs], stats)
+        seqs = self.scheduler.postprocess(chunks, tokens, stats, time.perf_counter())
+        outputs = [self._stop_or_continue(s) for s in seqs]
+        self.last_step = StepRecord(is_prefill, time.perf_counter() - t0, sum(n for _, n in chunks))
         return outputs
 
-    def _append(self, seq: Sequence, token: int, now: float) -> RequestOutput:
-        seq.token_ids.append(token)
-        seq.token_times.append(now)
-        reason = self._stop_reason(seq, token)
+    def _stop_or_continue(self, seq: Sequence) -> RequestOutput:
+        """After a sequence got its token: finish it if a stop condition holds; its output either way."""
+        if seq.text is None and self.tokenizer is not None and (seq.params.stop or seq.params.stream_text):
+            seq.text = TextStream(self.tokenizer, seq.num_prompt, seq.params.stop)
+        reason = self._stop_reason(seq, seq.token_ids[-1])
         if reason:
             self.scheduler.finish(seq, reason)
-        return self._emit(seq, [token])
+        return self._emit(seq, [seq.token_ids[-1]])
 
     def _stop_reason(self, seq: Sequence, token: int) -> str | None:
         p = seq.params
-        if (token in self.eos_ids and not p.ignore_eos) or token in p.stop_token_ids:
-            return "stop"
-        if p.stop and self.tokenizer is not None and self._stop_string_ends_here(seq):
+        stop_string = seq.text is not None and seq.text.update(seq.token_ids)  # decodes the token's text: every step
+        if (token in self.eos_ids and not p.ignore_eos) or token in p.stop_token_ids or stop_string:
             return "stop"
         if seq.num_tokens - seq.num_prompt >= p.max_tokens or seq.num_tokens >= self.max_model_len:
             return "length"
         return None
 
-    def _stop_string_ends_here(self, seq: Sequence) -> bool:
-        """Whether the text this token adds completes one of the stop strings (earlier text was searched before)."""
-        if seq.stop_text is None:
-            seq.stop_text = IncrementalDecoder(self.tokenizer, start=seq.num_prompt)
-        piece = seq.stop_text.update(seq.token_ids)
-        if not piece:
-            return False
-        tail = seq.stop_text.text[-(len(piece) + max(map(len, seq.params.stop)) - 1):]
-        return any(s in tail for s in seq.params.stop)
-
-    def _decode_summary(self, batch: int) -> tuple[torch.Tensor, ...]:
-        """Per sequence, the sum and minimum of this step's mass kept over approximate layers and heads (rank 0's
-        heads under TP) and the V bytes read, still on the device: they come back with the sampled tokens."""
-        stats = self.cache.decode_stats(batch)
-        if stats is None:
-            return ()
-        self._samples = stats.samples
-        return stats.mass_sum, stats.mass_min, stats.v_bytes
-
-    def _record_decode_stats(self, seqs: list[Sequence], stats: list[list[float]]) -> None:
-        if not stats:
-            return
-        for s, total, low, v_bytes in zip(seqs, *stats):
-            s.mass_kept_sum += total
-            s.mass_kept_count += self._samples
-            s.mass_kept_min = min(s.mass_kept_min, low)
-            s.v_bytes_read += int(v_bytes) * self.tp  # every rank reads as much
-
     def _emit(self, seq: Sequence, new: list[int]) -> RequestOutput:
+        text = self._text(seq) if seq.is_finished else ""
+        if seq.text is not None:
+            new_text = seq.text.new_text(text if seq.is_finished else None)
+        else:
+            new_text = text
         out = RequestOutput(
             request_id=seq.request_id, prompt_token_ids=seq.prompt_ids, token_ids=seq.completion_ids,
-            new_token_ids=new, text=self._text(seq) if seq.is_finished else "", finished=seq.is_finished,
-            finish_reason=seq.finish_reason, metrics=self.metrics(seq) if seq.is_finished else {},
+            new_token_ids=new, text=text, finished=seq.is_finished, finish_reason=seq.finish_reason,
+            metrics=self.metrics(seq) if seq.is_finished else {}, new_text=new_text,
         )
         cb = self.callbacks.get(seq.request_id)
         if cb is not None:
@@ -246,9 +212,9 @@ class LLMEngine:
             "ttft_s": ttft,
             "tpot_s": tpot,
             "preemptions": seq.num_preemptions,
-            "mass_kept_mean": seq.mass_kept_sum / seq.mass_kept_count if seq.mass_kept_count else 1.0,
-            "mass_kept_min": seq.mass_kept_min,
-            "v_bytes_read": seq.v_bytes_read,
+            "mass_kept_mean": seq.stats.mass_kept_mean,
+            "mass_kept_min": seq.stats.mass_kept_min,
+            "v_bytes_read": seq.stats.v_bytes_read,
         }
 
     def close(self) -> None:

@@ -24,14 +24,25 @@ class CacheTooSmallError(ValueError):
 
 @dataclass(frozen=True)
 class PoolPlan:
-    num_blocks: int
+    num_blocks: int  # blocks the pools hold
     block_size: int
     device_bytes_per_block: int
     host_bytes_per_block: int
+    scratch_block: int | None = None  # with CUDA graphs: the last block, where rows that pad a batch write
+
+    @property
+    def usable_blocks(self) -> int:
+        """Blocks the block manager hands out: all but the scratch block."""
+        return self.num_blocks - (self.scratch_block is not None)
 
     @property
     def num_tokens(self) -> int:
         return self.num_blocks * self.block_size
+
+
+def uses_graphs(cfg: EngineConfig, device: torch.device) -> bool:
+    """Whether decode replays CUDA graphs (and so needs a scratch block)."""
+    return device.type == "cuda" and not cfg.enforce_eager
 
 
 def available_host_bytes() -> int:
@@ -59,8 +70,10 @@ def activation_peak(model, cfg: EngineConfig, dtype: torch.dtype, device: torch.
     cache = FullKV(model.config, math.ceil(n / bs), bs, dtype, device)
     torch.cuda.reset_peak_memory_stats(device)
     before = torch.cuda.memory_allocated(device)
-    batch = StepBatch(True, torch.arange(n, device=device), torch.arange(cache.num_blocks, device=device,
-                      dtype=torch.int32)[None], torch.tensor([n], device=device, dtype=torch.int32), (0,), (n,), (0,))
+    batch = StepBatch(is_prefill=True, slot_mapping=torch.arange(n, device=device),
+                      block_tables=torch.arange(cache.num_blocks, device=device, dtype=torch.int32)[None],
+                      lengths=torch.tensor([n], device=device, dtype=torch.int32),
+                      chunk_starts=(0,), chunk_lens=(n,), context_lens=(0,))
     with torch.inference_mode():
         hidden = model(torch.zeros(n, dtype=torch.long, device=device), torch.arange(n, device=device), cache, batch)
         model.logits(hidden[-1:])
@@ -84,11 +97,13 @@ def plan_pools(cfg: EngineConfig, model: ModelConfig, dtype: torch.dtype, device
         blocks = min(blocks, host // host_per_block)
     if cfg.tensor_parallel_size > 1:
         blocks = comm.min_over_ranks(blocks, device)
-    plan = PoolPlan(int(blocks), cfg.block_size, dev_per_block, host_per_block)
-    if plan.num_tokens < max_model_len:
+    blocks = int(blocks)
+    scratch = blocks - 1 if uses_graphs(cfg, device) else None
+    plan = PoolPlan(blocks, cfg.block_size, dev_per_block, host_per_block, scratch)
+    if plan.usable_blocks * plan.block_size < max_model_len:
         raise CacheTooSmallError(
-            f"the cache budgets hold {plan.num_tokens} tokens, fewer than one sequence of max_model_len={max_model_len}: "
-            "raise the device/host cache budget or lower max_model_len"
+            f"the cache budgets hold {plan.usable_blocks * plan.block_size} tokens, fewer than one sequence of "
+            f"max_model_len={max_model_len}: raise the device/host cache budget or lower max_model_len"
         )
     log.info(
         "cache pools (%s): %d blocks x %d tokens = %d tokens; device %.2f GiB, host %.2f GiB", cfg.cache,

@@ -1,15 +1,22 @@
-"""Turns a scheduled step into tensors, runs the model, returns the logits to sample from.
+"""Turns a scheduled step into tensors, runs the model, returns what it computed and measured.
+
+`prefill(chunks)` returns logits; `decode(seqs)` and `score(seq, n)` return (logits, DecodeStats | None): the
+cache's per-row record of the step (mass kept, V bytes read), still on the device, for the sampler's one copy.
+The runner reads sequences and never changes them: the scheduler (or the scoring loop) advances them after.
 
 On CUDA, decode steps replay CUDA graphs captured once per batch-size bucket (as nano-vllm does): the
 kernels take their grid from static shapes (the block-table width), and rows that pad a batch up to its
-bucket write into a scratch block that no sequence owns.
+bucket write into the pool plan's scratch block, which the block manager never hands out.
 """
 from __future__ import annotations
+
+import dataclasses
 
 import numpy as np
 import torch
 
 from kcache.cache.kv import PagedKVCache, StepBatch, make_cache
+from kcache.cache.stats import DecodeStats
 from kcache.config import EngineConfig
 from kcache.engine.memory import PoolPlan, activation_peak, plan_pools
 from kcache.engine.sequence import Sequence
@@ -25,32 +32,35 @@ def build_runner(cfg: EngineConfig, model: LlamaForCausalLM, max_model_len: int,
     p = next(model.parameters())
     plan = plan_pools(cfg, model.config, p.dtype, p.device, activation_peak(model, cfg, p.dtype, p.device), max_model_len)
     cache = make_cache(cfg, model.config, plan.num_blocks, p.dtype, p.device)
-    graphs = p.device.type == "cuda" and not cfg.enforce_eager
-    return ModelRunner(model, cache, cfg.max_num_seqs, max_model_len, graphs, followers), plan
+    return ModelRunner(model, cache, plan.scratch_block, cfg.max_num_seqs, max_model_len, followers), plan
 
 
 class ModelRunner:
     """Under tensor parallelism every rank has a runner over its shard; rank 0's runner sends each step's inputs (plain
     lists: token ids, positions, slots, block tables, lengths, chunk layout) down `followers`, the pipes to the
-    other ranks, which run the same step (kcache.distributed.worker)."""
+    other ranks, which run the same step (kcache.engine.workers). With a `scratch_block` (CUDA only), decode
+    replays CUDA graphs for batches of up to max_num_seqs sequences of up to max_model_len tokens."""
 
-    def __init__(self, model: LlamaForCausalLM, cache: PagedKVCache, max_num_seqs: int = 1, max_model_len: int = 1,
-                 use_graphs: bool = False, followers=()):
+    def __init__(self, model: LlamaForCausalLM, cache: PagedKVCache, scratch_block: int | None, max_num_seqs: int,
+                 max_model_len: int, followers=()):
         self.model, self.cache, self.followers = model, cache, followers
         self.device, self.block_size = cache.device, cache.block_size
-        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
-        if use_graphs and self.device.type == "cuda":
+        self.tp = len(followers) + 1  # as rank 0 sees it: stats are read there only
+        self.scratch_block = scratch_block
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}  # bucket -> (graph, its output)
+        self.graph_vars: dict[str, torch.Tensor | torch.cuda.Event] = {}  # the graphs' static inputs and staging
+        if scratch_block is not None and self.device.type == "cuda":
             self._capture_graphs(max_num_seqs, -(-max_model_len // self.block_size))
 
     def _tensor(self, data, dtype=torch.long) -> torch.Tensor:
         return torch.as_tensor(data, dtype=dtype).to(self.device)
 
-    def _slots(self, seq: Sequence, start: int, end: int) -> np.ndarray:
+    def slots(self, seq: Sequence, start: int, end: int) -> np.ndarray:
         """Pool slots [end - start] int64 of the sequence's positions start..end-1."""
         pos = np.arange(start, end)
         return seq.block_table.ids[pos // self.block_size].astype(np.int64) * self.block_size + pos % self.block_size
 
-    def _block_tables(self, seqs: list[Sequence]) -> np.ndarray:
+    def block_tables(self, seqs: list[Sequence]) -> np.ndarray:
         """[B, widest table] int32, zero-padded."""
         tables = np.zeros((len(seqs), max(len(s.block_table) for s in seqs)), dtype=np.int32)
         for row, s in zip(tables, seqs):
@@ -68,18 +78,28 @@ class ModelRunner:
         """Run one step from its inputs; logits (None on ranks other than 0 under TP)."""
         return getattr(self, f"_{kind}")(**inputs)
 
+    def _measured(self, batch_size: int) -> DecodeStats | None:
+        """What the step just run measured, read from the cache; V bytes over all ranks (each reads as much)."""
+        stats = self.cache.decode_stats(batch_size)
+        if stats is None or self.tp == 1:
+            return stats
+        return dataclasses.replace(stats, v_bytes=stats.v_bytes * self.tp)
+
+    # ---- steps ------------------------------------------------------------------------------------------------
+
     def prefill(self, chunks: list[tuple[Sequence, int]]) -> torch.Tensor:
-        """Compute the chunks' K/V; logits [len(chunks), V] at each chunk's last token."""
+        """Compute the chunks' K/V (n tokens of each sequence from its num_cached on); logits [len(chunks), V] at
+        each chunk's last token."""
         ids, pos, slots, starts, lens, ctxs = [], [], [], [], [], []
         for seq, n in chunks:
             c = seq.num_cached
             starts.append(len(ids))
             ids += seq.token_ids[c:c + n]
             pos.append(np.arange(c, c + n))
-            slots.append(self._slots(seq, c, c + n))
+            slots.append(self.slots(seq, c, c + n))
             lens.append(n)
             ctxs.append(c)
-        tables = self._block_tables([s for s, _ in chunks])
+        tables = self.block_tables([s for s, _ in chunks])
         return self.run("prefill", dict(ids=ids, pos=np.concatenate(pos), slots=np.concatenate(slots), tables=tables,
                                         starts=starts, lens=lens, ctxs=ctxs))
 
@@ -93,12 +113,13 @@ class ModelRunner:
         last = self._tensor([s + n - 1 for s, n in zip(starts, lens)])
         return self.model.logits(hidden[last])
 
-    def decode(self, seqs: list[Sequence]) -> torch.Tensor:
-        """One token per sequence (its last, not yet cached); logits [B, V]."""
-        tables = self._block_tables(seqs)
+    def decode(self, seqs: list[Sequence]) -> tuple[torch.Tensor, DecodeStats | None]:
+        """One token per sequence (its last, not yet cached); (logits [B, V], what the step measured)."""
+        tables = self.block_tables(seqs)
         pos = np.array([s.num_tokens - 1 for s in seqs])
         slots = tables[np.arange(len(seqs)), pos // self.block_size].astype(np.int64) * self.block_size + pos % self.block_size
-        return self.run("decode", dict(ids=[s.token_ids[-1] for s in seqs], pos=pos, slots=slots, tables=tables, lens=pos + 1))
+        logits = self.run("decode", dict(ids=[s.token_ids[-1] for s in seqs], pos=pos, slots=slots, tables=tables, lens=pos + 1))
+        return logits, self._measured(len(seqs))
 
     def _decode(self, ids, pos, slots, tables, lens):
         if self.graphs and len(ids) <= max(self.graphs):
@@ -109,31 +130,44 @@ class ModelRunner:
         hidden = self.model(self._tensor(ids), self._tensor(pos), self.cache, batch)
         return self.model.logits(hidden)
 
+    def score(self, seq: Sequence, n: int) -> tuple[torch.Tensor, DecodeStats | None]:
+        """Teacher forcing: the n tokens of seq after its cached ones each attend as a decode step would (KCache
+        active), all in one pass since they share one block table; (logits [n, V] at each of them, what it measured)."""
+        c = seq.num_cached
+        logits = self.run("score", dict(ids=seq.token_ids[c:c + n], pos=list(range(c, c + n)),
+                                        slots=self.slots(seq, c, c + n), tables=self.block_tables([seq]),
+                                        lens=list(range(c + 1, c + n + 1))))
+        return logits, self._measured(n)
+
+    def _score(self, ids, pos, slots, tables, lens):
+        batch = StepBatch(is_prefill=False, slot_mapping=self._tensor(slots), block_tables=self._tensor(tables, torch.int32),
+                          lengths=self._tensor(lens, torch.int32), shared_table=True)
+        self.cache.plan(len(ids))
+        hidden = self.model(self._tensor(ids), self._tensor(pos), self.cache, batch)
+        return self.model.logits(hidden)
+
     # ---- CUDA graphs ------------------------------------------------------------------------------------------
 
     def _capture_graphs(self, max_num_seqs: int, max_blocks: int) -> None:
         """One graph per bucket up to max_num_seqs, largest first so the smaller ones reuse its memory pool."""
         buckets = [b for b in GRAPH_BUCKETS if b < max_num_seqs] + [min(max_num_seqs, GRAPH_BUCKETS[-1])]
-        n = buckets[-1]
-        scratch = self.cache.num_blocks - 1  # reserved by the engine: padding rows write here
-        self.static = {
-            "ids": torch.zeros(n, dtype=torch.long, device=self.device),
-            "pos": torch.zeros(n, dtype=torch.long, device=self.device),
-            "slots": torch.full((n,), scratch * self.block_size, dtype=torch.long, device=self.device),
-            "tables": torch.full((n, max_blocks), scratch, dtype=torch.int32, device=self.device),
-            "lens": torch.ones(n, dtype=torch.int32, device=self.device),
+        n, scratch, dev = buckets[-1], self.scratch_block, self.device
+        # One pinned host buffer ("staging") and its device twin carry a step's inputs in one copy: [B, 4 + width]
+        # int64 rows of (id, position, slot, length, block table).
+        staging = torch.empty(n * (4 + max_blocks), dtype=torch.long, pin_memory=True)
+        self.graph_vars = {
+            "ids": torch.zeros(n, dtype=torch.long, device=dev),
+            "pos": torch.zeros(n, dtype=torch.long, device=dev),
+            "slots": torch.full((n,), scratch * self.block_size, dtype=torch.long, device=dev),
+            "tables": torch.full((n, max_blocks), scratch, dtype=torch.int32, device=dev),
+            "lens": torch.ones(n, dtype=torch.int32, device=dev),
+            "staging": staging, "staging_dev": torch.empty_like(staging, device=dev), "staged": torch.cuda.Event(),
         }
-        self.scratch = scratch
-        # One pinned host buffer and its device twin carry a step's inputs in one copy: [B, 4 + width] int64 rows
-        # of (id, position, slot, length, block table).
-        self.staging = torch.empty(n * (4 + max_blocks), dtype=torch.long, pin_memory=True)
-        self.staging_dev = torch.empty_like(self.staging, device=self.device)
-        self.staged = torch.cuda.Event()
-        self.cache.plan(n)  # allocates the mass buffer at its final size before any capture
+        self.cache.plan(n)  # allocates the stats buffers at their final size before any capture
         pool = None
         with torch.inference_mode():
             for b in reversed(buckets):
-                self.cache.plan(b)  # the graph records writes into this view of the mass buffer
+                self.cache.plan(b)  # the graph records writes into this view of the stats buffers
                 run = self._static_forward(b)
                 run()  # warm-up: compiles the kernels outside the capture
                 torch.cuda.synchronize()
@@ -144,47 +178,31 @@ class ModelRunner:
                 self.graphs[b] = (graph, hidden)
 
     def _static_forward(self, b: int):
-        st = self.static
-        batch = StepBatch(is_prefill=False, slot_mapping=st["slots"][:b], block_tables=st["tables"][:b], lengths=st["lens"][:b])
-        return lambda: self.model(st["ids"][:b], st["pos"][:b], self.cache, batch)
+        gv = self.graph_vars
+        batch = StepBatch(is_prefill=False, slot_mapping=gv["slots"][:b], block_tables=gv["tables"][:b], lengths=gv["lens"][:b])
+        return lambda: self.model(gv["ids"][:b], gv["pos"][:b], self.cache, batch)
 
     def _replay(self, ids, pos, slots, tables, lens) -> torch.Tensor:
-        """Fill the static inputs from one pinned host-to-device copy (in a VM each small pageable copy costs about
-        a millisecond), pad the batch up to its bucket, replay."""
+        """Fill the static inputs from one pinned host-to-device copy (small pageable copies cost far more), pad the
+        batch up to its bucket with rows that write into the scratch block, replay."""
         B = len(ids)
         bucket = min(b for b in self.graphs if b >= B)
-        st = self.static
+        gv = self.graph_vars
         width = tables.shape[1]
-        self.staged.synchronize()  # the previous step's copy has left the buffer
-        host = self.staging[:B * (4 + width)].view(B, 4 + width)
+        gv["staged"].synchronize()  # the previous step's copy has left the buffer
+        host = gv["staging"][:B * (4 + width)].view(B, 4 + width)
         rows = host.numpy()
         rows[:, 0], rows[:, 1], rows[:, 2], rows[:, 3], rows[:, 4:] = ids, pos, slots, lens, tables
-        packed = self.staging_dev[:host.numel()].view_as(host)
+        packed = gv["staging_dev"][:host.numel()].view_as(host)
         packed.copy_(host, non_blocking=True)
-        self.staged.record()
+        gv["staged"].record()
         for i, name in enumerate(("ids", "pos", "slots", "lens")):
-            st[name][:B] = packed[:, i]
-        st["tables"][:bucket] = self.scratch
-        st["tables"][:B, :width] = packed[:, 4:]
-        st["slots"][B:bucket] = self.scratch * self.block_size
-        st["lens"][B:bucket] = 1
-        self.cache.plan(bucket)
+            gv[name][:B] = packed[:, i]
+        gv["tables"][:bucket] = self.scratch_block
+        gv["tables"][:B, :width] = packed[:, 4:]
+        gv["slots"][B:bucket] = self.scratch_block * self.block_size
+        gv["lens"][B:bucket] = 1
+        self.cache.plan(bucket)  # the stats rows the graph writes; decode_stats then reads the first B
         graph, hidden = self.graphs[bucket]
         graph.replay()
         return hidden[:B]
-
-    def score_chunk(self, seq: Sequence, n: int) -> torch.Tensor:
-        """Teacher forcing: the next n tokens of seq each attend as a decode step would (KCache active), all in
-        one pass since they share one block table; logits [n, V] at each of them."""
-        c = seq.num_cached
-        logits = self.run("score", dict(ids=seq.token_ids[c:c + n], pos=list(range(c, c + n)), slots=self._slots(seq, c, c + n),
-                                        tables=self._block_tables([seq]), lens=list(range(c + 1, c + n + 1))))
-        seq.num_cached += n
-        return logits
-
-    def _score(self, ids, pos, slots, tables, lens):
-        batch = StepBatch(is_prefill=False, slot_mapping=self._tensor(slots), block_tables=self._tensor(tables, torch.int32),
-                          lengths=self._tensor(lens, torch.int32), shared_table=True)
-        self.cache.plan(len(ids))
-        hidden = self.model(self._tensor(ids), self._tensor(pos), self.cache, batch)
-        return self.model.logits(hidden)

@@ -3,19 +3,21 @@ from __future__ import annotations
 
 import torch
 
+from kcache.cache.stats import DecodeStats
 from kcache.config import SamplingParams
 
 
 def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None],
-           riders: tuple[torch.Tensor, ...] = ()) -> tuple[list[int], list[list[float]]]:
-    """logits [B, V] float32 -> (one token id per row, riders as lists). The riders ([B] tensors on the logits'
-    device, e.g. step statistics) travel in the same device-to-host copy as the greedy tokens: one sync a step."""
-    fetched = torch.stack([logits.argmax(-1).double(), *(r.double() for r in riders)]).tolist()
-    tokens = [int(t) for t in fetched[0]]
+           stats: DecodeStats | None = None) -> tuple[list[int], DecodeStats | None]:
+    """logits [B, V] float32 -> (one token id per row, the step's stats on the host). The stats' [B] tensors travel
+    in the same device-to-host copy as the greedy tokens: one sync a step."""
+    riders = () if stats is None else (stats.mass_sum, stats.mass_min, stats.v_bytes)
+    host = torch.stack([logits.argmax(-1).double(), *(r.double() for r in riders)]).cpu()  # [1 + 3?, B]
+    tokens = host[0].long().tolist()
     for i, p in enumerate(params):
         if not p.greedy:
             tokens[i] = _sample_row(logits[i], p, generators[i])
-    return tokens, fetched[1:]
+    return tokens, None if stats is None else DecodeStats(host[1], host[2], host[3], stats.samples)
 
 
 def _sample_row(logits: torch.Tensor, p: SamplingParams, gen: torch.Generator | None) -> int:

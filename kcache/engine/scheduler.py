@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections import deque
 
+from kcache.cache.stats import DecodeStats
 from kcache.engine.block_manager import BlockManager
 from kcache.engine.sequence import Sequence, Status
 
@@ -80,15 +81,31 @@ class Scheduler:
         seq.num_preemptions += 1
         self.waiting.appendleft(seq)
 
-    def prefilled(self, seq: Sequence, n: int) -> bool:
-        """Account n computed tokens; True when the prompt is complete and the sequence starts decoding."""
-        seq.num_cached += n
-        if seq.num_cached < seq.num_tokens:
-            return False
-        self.waiting.remove(seq)
-        seq.status = Status.RUNNING
-        self.running.append(seq)
-        return True
+    @staticmethod
+    def sampled_rows(chunks: list[tuple[Sequence, int]]) -> list[int]:
+        """The rows of a step that yield a token: every decode row, and the prefill chunks that end their prompt."""
+        return [i for i, (s, n) in enumerate(chunks) if s.num_cached + n >= s.num_tokens]
+
+    def postprocess(self, chunks: list[tuple[Sequence, int]], tokens: list[int], stats: DecodeStats | None,
+                    now: float) -> list[Sequence]:
+        """Account a step that ran: each chunk's tokens are now cached; a completed prompt starts decoding; the
+        sampled rows (`sampled_rows`, in order) get their token and, on decode steps, what the step measured (stats
+        on the host). Returns the sequences that got a token."""
+        for seq, n in chunks:
+            seq.advance(n)
+            if seq.status is Status.WAITING and seq.num_cached >= seq.num_tokens:
+                self.waiting.remove(seq)
+                seq.status = Status.RUNNING
+                self.running.append(seq)
+        seqs = [s for s, _ in chunks if s.num_cached >= s.num_tokens]
+        for seq, token in zip(seqs, tokens):
+            seq.token_ids.append(token)
+            seq.token_times.append(now)
+        if stats is not None:
+            rows = zip(seqs, stats.mass_sum.tolist(), stats.mass_min.tolist(), stats.v_bytes.tolist())
+            for seq, total, low, v_bytes in rows:
+                seq.stats.add_step(total, stats.samples, low, int(v_bytes))
+        return seqs
 
     def finish(self, seq: Sequence, reason: str) -> None:
         if seq in self.running:

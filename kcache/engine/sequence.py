@@ -8,8 +8,9 @@ from enum import Enum, auto
 import numpy as np
 import torch
 
+from kcache.cache.stats import CacheStats
 from kcache.config import SamplingParams
-from kcache.engine.detokenize import IncrementalDecoder
+from kcache.engine.detokenize import TextStream
 
 
 class Status(Enum):
@@ -56,19 +57,16 @@ class Sequence:
     token_ids: list[int]
     params: SamplingParams
     num_prompt: int = 0
-    num_cached: int = 0  # tokens whose K and V are in the cache
+    num_cached: int = 0  # tokens whose K and V are in the cache: moved only by advance, rewind and the block manager
     block_table: BlockTable = field(default_factory=BlockTable)
     status: Status = Status.WAITING
     finish_reason: str | None = None  # "stop", "length" or "abort"
     num_preemptions: int = 0
     arrival_time: float = field(default_factory=time.perf_counter)
     token_times: list[float] = field(default_factory=list)  # when each completion token was sampled
-    mass_kept_sum: float = 0.0
-    mass_kept_count: int = 0
-    mass_kept_min: float = 1.0
-    v_bytes_read: int = 0  # V bytes the top-N gather read from host memory
+    stats: CacheStats = field(default_factory=CacheStats)  # what its decode steps measured (mass kept, V bytes)
     generator: torch.Generator | None = None  # per-request seed
-    stop_text: IncrementalDecoder | None = None  # the completion's text, kept while stop strings are looked for
+    text: TextStream | None = None  # the completion's text as it grows, when stop strings or streaming need it
     # the prompt, copied once for every step's output: slicing a long prompt per sequence per step cost milliseconds
     prompt_ids: list[int] = field(init=False)
 
@@ -87,3 +85,13 @@ class Sequence:
     @property
     def is_finished(self) -> bool:
         return self.status is Status.FINISHED
+
+    def advance(self, n: int) -> None:
+        """n more tokens have their K and V in the cache (a prefill chunk, a decode step, a teacher-forced chunk)."""
+        self.num_cached += n
+
+    def rewind(self, num_tokens: int) -> None:
+        """Forget every token after the first num_tokens (the evaluation decodes several methods from one prefill);
+        their cache rows are overwritten by the next steps."""
+        del self.token_ids[num_tokens:]
+        self.num_cached = min(self.num_cached, num_tokens)

@@ -1,10 +1,11 @@
 """Prefill once, decode every method: how the evaluation drives the engine.
 
-Prefill is exact whatever the method, so one prefilled cache serves them all: each method swaps `cache.kcfg`,
-rewinds the sequences to their prompts and decodes from there, overwriting the K/V rows that the previous
-method's tokens left past the prompt. On a 2-core CPU this is what makes a sweep of dozens of methods
-affordable (a long prefill costs minutes; a decode step a fraction of a second). Sequences of one call are
-decoded as one batch, so a step's weights are read once for all of them.
+Prefill is exact whatever the method, so one prefilled cache serves them all: each method switches the cache's
+setting (`cache.use`), rewinds the sequences to their prompts (`Sequence.rewind`) and decodes from there,
+overwriting the K/V rows that the previous method's tokens left past the prompt. On a 2-core CPU this is what
+makes a sweep of dozens of methods affordable (a long prefill costs minutes; a decode step a fraction of a
+second). Sequences of one call are decoded as one batch, so a step's weights are read once for all of them.
+Teacher-forced scoring is kcache.engine.scoring, the path `LLM.score` uses too.
 """
 from __future__ import annotations
 
@@ -12,19 +13,19 @@ from contextlib import contextmanager
 
 import torch
 
-from kcache.cache.kv import KCache
 from kcache.config import KCacheConfig, SamplingParams
+from kcache.engine import scoring
 from kcache.engine.llm_engine import LLMEngine
 from kcache.engine.sequence import Sequence
 
 
 class Harness:
     def __init__(self, engine: LLMEngine):
-        if not isinstance(engine.cache, KCache):
+        if engine.cfg.cache != "kcache":
             raise ValueError("the evaluation needs an engine with cache='kcache' (the full cache is one of its settings)")
-        if getattr(engine.runner, "graphs", None):
+        if engine.runner.graphs:
             raise ValueError("the evaluation needs enforce_eager=True: a CUDA graph replays the setting it was captured with")
-        self.engine, self.cache = engine, engine.cache
+        self.engine, self.cache, self.runner = engine, engine.cache, engine.runner
         self.num_layers = engine.model_config.num_layers
 
     @contextmanager
@@ -35,8 +36,7 @@ class Harness:
             logits = []
             for s in seqs:
                 self._grow(s)
-                logits.append(self.engine.runner.prefill([(s, s.num_tokens)]))
-                s.num_cached = s.num_tokens
+                logits.append(scoring.prefill(self.runner, s, s.num_tokens))
             yield seqs, torch.cat(logits)
         finally:
             for s in seqs:
@@ -48,19 +48,19 @@ class Harness:
         exact first token; and each one's mean attention mass kept over its decode steps."""
         self.cache.use(cfg)
         for s, p, t in zip(seqs, prompts, first):
-            s.token_ids, s.num_cached = list(p) + [t], len(p)
+            s.rewind(len(p))
+            s.token_ids.append(t)
         masses: list[list[float]] = [[] for _ in seqs]
         live = [i for i, (s, p) in enumerate(zip(seqs, prompts)) if not self._done(s, len(p), max_new)]
         while live:
             batch = [seqs[i] for i in live]
             for s in batch:
                 self._grow(s)
-            logits = self.engine.runner.decode(batch)
-            self._rows = len(batch)
-            mass = self._mass().tolist()
-            for j, i in enumerate(live):
-                seqs[i].num_cached = seqs[i].num_tokens
-                seqs[i].token_ids.append(int(logits[j].argmax()))
+            logits, stats = self.runner.decode(batch)
+            mass = [1.0] * len(batch) if stats is None else stats.mass_mean().tolist()
+            for j, (i, token) in enumerate(zip(live, logits.argmax(-1).tolist())):
+                seqs[i].advance(1)
+                seqs[i].token_ids.append(token)
                 masses[i].append(mass[j])
             live = [i for i in live if not self._done(seqs[i], len(prompts[i]), max_new)]
         completions = [s.token_ids[len(p):] for s, p in zip(seqs, prompts)]
@@ -71,15 +71,10 @@ class Harness:
         """Teacher forcing from a sequence prefilled with ids[:prefix_len]: every later token attends as a decode
         step would under `cfg`. Returns (logits [n, V] predicting ids[prefix_len + 1:], mass kept [n])."""
         self.cache.use(cfg)
-        seq.token_ids, seq.num_cached = list(ids), prefix_len
+        seq.rewind(prefix_len)
+        seq.token_ids.extend(ids[prefix_len:])
         self._grow(seq)
-        logits, mass = [], []
-        while seq.num_cached < len(ids) - 1:
-            n = min(chunk, len(ids) - 1 - seq.num_cached)
-            logits.append(self.engine.runner.score_chunk(seq, n))
-            self._rows = n
-            mass.append(self._mass())
-        return torch.cat(logits).cpu(), torch.cat(mass)
+        return scoring.teacher_force(self.runner, seq, len(ids) - 1, chunk)
 
     def _done(self, seq: Sequence, prompt_len: int, max_new: int) -> bool:
         return seq.num_tokens - prompt_len >= max_new or seq.token_ids[-1] in self.engine.eos_ids
@@ -89,8 +84,3 @@ class Harness:
             raise ValueError(f"the cache pool ({self.engine.blocks.num_free} free blocks) cannot hold {seq.num_tokens} "
                              "more tokens")
         self.engine.blocks.allocate(seq)
-
-    def _mass(self) -> torch.Tensor:
-        """Mean mass kept in the last step per row [B], over the approximated layers and all heads."""
-        stats = self.cache.decode_stats(self._rows)
-        return torch.ones(self._rows) if stats is None else stats.mass_mean().float().cpu()

@@ -32,10 +32,6 @@ class ModelConfig:
     eos_token_ids: tuple[int, ...] = ()
     torch_dtype: str = "float32"
 
-    @property
-    def group_size(self) -> int:
-        return self.num_heads // self.num_kv_heads
-
     @classmethod
     def from_hf(cls, d: dict) -> "ModelConfig":
         arch = (d.get("architectures") or [_arch_from_type(d.get("model_type", ""))])[0]

@@ -15,7 +15,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no hub access at run time, ever
 
 import torch
 
-from kcache.distributed.sharding import shard_config, shard_tensors
+from kcache.distributed.sharding import resolve_device, shard_config, shard_tensors
 from kcache.models.config import ModelConfig, UnsupportedModelError
 from kcache.models.llama import LlamaForCausalLM, rope_inv_freq
 from kcache.models.presets import PRESETS
@@ -50,12 +50,6 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     return DTYPES[name]
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def load(model: str | None, load_format: str = "auto", dtype: str = "auto", device: str = "auto", seed: int = 0,

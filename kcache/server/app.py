@@ -20,7 +20,7 @@ from kcache.server import protocol as p
 from kcache.server.errors import APIError, error_response, from_engine, from_validation
 from kcache.server.metrics import Metrics
 from kcache.server.middleware import Guard
-from kcache.server.streaming import ChatFormat, CompletionFormat, IncrementalText, sse
+from kcache.server.streaming import ChatFormat, CompletionFormat, sse
 
 log = logging.getLogger("kcache")
 
@@ -47,14 +47,17 @@ class Server:
                            param="model", code="model_not_found")
 
     def prompt_ids(self, prompt: str | list[int]) -> list[int]:
-        return self.tokenizer.encode(prompt, add_special_tokens=True) if isinstance(prompt, str) else prompt
+        if not isinstance(prompt, str):
+            return prompt
+        return refused_is_400(lambda: self.tokenizer.encode(prompt, add_special_tokens=True), "prompt")
 
     def chat_ids(self, messages: list[p.ChatMessage]) -> list[int]:
         if not getattr(self.tokenizer, "chat_template", None):
             raise APIError(400, "this model has no chat template: use /v1/completions", param="messages")
         try:
-            ids = self.tokenizer.apply_chat_template([m.model_dump() for m in messages], add_generation_prompt=True,
-                                                     tokenize=True, return_dict=True)["input_ids"]
+            ids = refused_is_400(lambda: self.tokenizer.apply_chat_template(
+                [m.model_dump() for m in messages], add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"],
+                "messages")
         except TemplateError as e:  # the template's own checks, e.g. on the order of roles
             raise APIError(400, f"the chat template refused these messages: {e}", param="messages") from None
         return list(ids)
@@ -70,7 +73,8 @@ class Server:
                            f"leave room for at most {room} new tokens, not max_tokens={max_tokens}",
                            param="max_tokens", code="context_length_exceeded")
         return SamplingParams(max_tokens=max_tokens or room, temperature=req.temperature, top_k=req.top_k,
-                              top_p=req.top_p, seed=req.seed, stop=req.stop_strings, ignore_eos=req.ignore_eos)
+                              top_p=req.top_p, seed=req.seed, stop=req.stop_strings, ignore_eos=req.ignore_eos,
+                              stream_text=bool(req.stream))
 
     def check_kcache(self, requested: dict | None) -> None:
         """The engine decodes every request of a batch under one KCache configuration, the server's, so a request
@@ -102,7 +106,7 @@ class Server:
                 # the first output comes before the headers, so that a refused request still gets its 4xx status
                 first = await until_disconnected(request, anext(outputs))
                 include_usage = bool(req.stream_options and req.stream_options.include_usage)
-                body = sse(fmt, first, outputs, IncrementalText(self.tokenizer, params.stop), include_usage, self.metrics)
+                body = sse(fmt, first, outputs, include_usage, self.metrics)
                 return StreamingResponse(body, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
             final = await until_disconnected(request, last(outputs))
         except (RequestError, EngineError) as e:
@@ -114,6 +118,17 @@ class Server:
         if request.url.path.startswith("/v1/"):
             self.metrics.outcome("rejected" if e.status < 500 else "error")
         return error_response(e)
+
+
+def refused_is_400(tokenize, param: str):
+    """Run a tokenizer call on the request's text: whatever the tokenizer refuses (e.g. a lone UTF-16 surrogate,
+    which is valid JSON) is the request's fault, a 400, not a crash."""
+    try:
+        return tokenize()
+    except TemplateError:
+        raise
+    except Exception as e:  # tokenizers raise TypeError, ValueError, or their own types
+        raise APIError(400, f"the tokenizer cannot encode this {param}: {type(e).__name__}: {e}", param=param) from None
 
 
 async def last(outputs):

@@ -7,32 +7,10 @@ from typing import AsyncIterator
 from pydantic import BaseModel
 
 from kcache.engine.async_engine import EngineError
-from kcache.engine.detokenize import IncrementalDecoder
 from kcache.engine.llm_engine import RequestOutput
 from kcache.server import protocol as p
 from kcache.server.errors import error_body, from_engine
 from kcache.server.metrics import Metrics
-
-
-class IncrementalText:
-    """The completion's text, piece by piece, holding back whatever a stop string could still claim, since the
-    final text is cut before the stop string."""
-
-    def __init__(self, tokenizer, stop: tuple[str, ...]):
-        self.decoder = IncrementalDecoder(tokenizer)
-        self.hold = max((len(s) for s in stop), default=1) - 1
-        self.sent = 0
-
-    def next(self, out: RequestOutput) -> str:
-        """The new text since the last call; the last call (out.finished) gets the rest of the engine's final text."""
-        if out.finished:
-            piece, self.sent = out.text[self.sent:], len(out.text)
-            return piece
-        self.decoder.update(out.token_ids)
-        text = self.decoder.text
-        ready = max(self.sent, len(text) - self.hold)
-        piece, self.sent = text[self.sent:ready], ready
-        return piece
 
 
 def usage(out: RequestOutput) -> p.Usage:
@@ -90,9 +68,10 @@ def event(chunk: BaseModel) -> str:
     return f"data: {chunk.model_dump_json()}\n\n"
 
 
-async def sse(fmt, first: RequestOutput, outputs: AsyncIterator[RequestOutput], text: IncrementalText,
-              include_usage: bool, metrics: Metrics) -> AsyncIterator[str]:
-    """The stream after its first output, ending with `data: [DONE]`. When the client leaves, Starlette cancels the
+async def sse(fmt, first: RequestOutput, outputs: AsyncIterator[RequestOutput], include_usage: bool,
+              metrics: Metrics) -> AsyncIterator[str]:
+    """The stream after its first output, ending with `data: [DONE]`; each chunk carries the engine's new text
+    (`RequestOutput.new_text`, held back while a stop string could claim it). When the client leaves, Starlette cancels the
     response; however this generator is then left (cancelled inside `anext`, or closed later), `outputs` is closed,
     which aborts the request and frees its blocks."""
     ended = False
@@ -101,10 +80,10 @@ async def sse(fmt, first: RequestOutput, outputs: AsyncIterator[RequestOutput], 
             yield event(chunk)
         out = first
         while not out.finished:
-            for chunk in fmt.piece(text.next(out)):
+            for chunk in fmt.piece(out.new_text):
                 yield event(chunk)
             out = await anext(outputs)
-        for chunk in fmt.piece(text.next(out), out.finish_reason):
+        for chunk in fmt.piece(out.new_text, out.finish_reason):
             yield event(chunk)
         metrics.finished(out)
         ended = True

@@ -1,16 +1,15 @@
 """Ranks 1..N-1 of a tensor-parallel engine, one process each (rank 0 is the engine's own process).
 
-A worker loads its shard, builds the same pools and runner as rank 0 (their collectives pair up), then runs
-every step rank 0 sends down its pipe until it receives None.
+A worker starts its rank as rank 0 does (kcache.engine.rank), then runs every step rank 0 sends down its pipe
+until it receives None.
 """
 from __future__ import annotations
 
-import torch
 import torch.multiprocessing as mp
 
 from kcache.config import EngineConfig
 from kcache.distributed import comm
-from kcache.distributed.sharding import rank_device
+from kcache.engine.rank import start_rank
 
 
 class Workers:
@@ -42,15 +41,7 @@ class Workers:
 
 
 def _main(cfg: EngineConfig, rank: int, port: int, conn) -> None:
-    from kcache.engine.model_runner import build_runner
-    from kcache.models import loader
-
-    tp = cfg.tensor_parallel_size
-    device = rank_device(cfg.device, rank)
-    comm.init(rank, tp, port, torch.device(device))
-    loaded = loader.load(cfg.model, cfg.load_format, cfg.dtype, device, cfg.seed, rank, tp)
-    max_model_len = cfg.max_model_len or loaded.config.max_position_embeddings
-    runner, _ = build_runner(cfg, loaded.model, max_model_len)
+    runner = start_rank(cfg, rank, port).runner
     while (step := conn.recv()) is not None:
         runner.execute(*step)
     runner.cache.close()

@@ -1,0 +1,54 @@
+"""The scripts under benchmarks/ import, and their CPU-runnable parts run on tiny shapes, so that a change to the
+engine cannot break a benchmark unseen; scripts that need Triton at import are checked where Triton is installed."""
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from kcache.config import KCacheConfig
+
+from conftest import save_tiny
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+NEEDS_TRITON = {"host_pool_probe", "overlap_probe", "attention_microbench", "kcache_step_probe"}
+SCRIPTS = sorted(p.stem for p in BENCHMARKS.glob("*.py"))
+
+
+def load(name: str):
+    if name in NEEDS_TRITON:
+        pytest.importorskip("triton")
+    sys.path.insert(0, str(BENCHMARKS))  # the scripts import each other from their folder
+    try:
+        spec = importlib.util.spec_from_file_location(f"benchmarks_{name}", BENCHMARKS / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    return module
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_script_imports(name):
+    assert callable(load(name).main)
+
+
+def test_batch1_vs_hf_times_both_on_the_cpu():
+    b = load("batch1_vs_hf")
+    assert b.kcache_decode_tok_s("smollm2-135m", 16, 3, "cpu", "float32", "full") > 0
+    assert b.hf_decode_tok_s("smollm2-135m", 16, 3, "cpu", torch.float32) > 0
+
+
+def test_tp_check_counts_agreeing_tokens():
+    assert load("tp_check").agree([[1, 2, 3], [4, 5]], [[1, 2, 9], [4, 5]]) == [2, 2]
+
+
+def test_plot_bench_plots_stored_results(tmp_path, monkeypatch):
+    out = tmp_path / "bench.png"
+    runs = sorted(str(p) for p in (BENCHMARKS / "results").glob("bench_h100_in*.json"))
+    monkeypatch.setattr(sys, "argv", ["plot_bench.py", *runs, "-o", str(out)])
+    load("plot_bench").main()
+    assert out.stat().st_size > 0
