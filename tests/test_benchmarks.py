@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from kcache.config import KCacheConfig
 
 from conftest import save_tiny
 
