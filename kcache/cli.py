@@ -136,11 +136,17 @@ def user_errors() -> tuple[type[BaseException], ...]:
             TensorParallelError, OSError)
 
 
+def _field_error(err: dict) -> str:
+    """'top_n: Input should be greater than or equal to 0'; a whole-config check's message alone."""
+    msg = err["msg"].removeprefix("Value error, ")
+    return f"{'.'.join(map(str, err['loc']))}: {msg}" if err["loc"] else msg
+
+
 def describe(e: BaseException) -> str:
     from pydantic import ValidationError
 
     if isinstance(e, ValidationError):
-        return "; ".join(f"{'.'.join(map(str, err['loc'])) or 'value'}: {err['msg']}" for err in e.errors())
+        return "; ".join(_field_error(err) for err in e.errors())
     return str(e)
 
 

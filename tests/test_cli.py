@@ -57,6 +57,14 @@ def test_top_n_zero():
     assert_one_line_error(kcache("generate", "hi", "--top-n", "0"), "--top-n")
 
 
+@pytest.mark.parametrize("chunk,words", [("6", ["chunk_tokens", "power of two"]),
+                                         ("32", ["block_size (16) must be a multiple of chunk_tokens (32)"])])
+def test_bad_chunk_tokens(chunk, words):
+    r = kcache("generate", "hi", "--chunk-tokens", chunk)
+    assert_one_line_error(r, *words)
+    assert "Value error" not in r.stderr
+
+
 def test_prompt_longer_than_context(tiny_chat_model):
     r = kcache("generate", "word " * 200, "--model", str(tiny_chat_model), "--max-model-len", "64")
     assert_one_line_error(r, "context is 64 tokens")
