@@ -92,8 +92,7 @@ def print_stats(engine, out, steps, seconds: float) -> None:
     decode_steps = [s for s in steps if not s.is_prefill]
     decode_s = sum(s.seconds for s in decode_steps)
     rows = [
-        ("cache", engine.cfg.cache + (f" (top_n={engine.cfg.kcache.top_n}, selection={engine.cfg.kcache.selection}, "
-                                       f"renormalize={engine.cfg.kcache.renormalize})" if engine.cfg.cache == "kcache" else "")),
+        ("cache", engine.cfg.cache + (_kcache_setting(engine.cfg.kcache) if engine.cfg.cache == "kcache" else "")),
         ("prompt tokens", m["prompt_tokens"]),
         ("new tokens", f"{m['completion_tokens']} ({out.finish_reason})"),
         ("prefill seconds", f"{prefill:.3f}"),
@@ -116,3 +115,7 @@ def _held(engine, out, where: str) -> int:
     tokens = len(out.prompt_token_ids) + len(out.token_ids)
     per_token = engine.cache.spec.device_bytes_per_token if where == "device" else engine.cache.spec.host_bytes_per_token
     return tokens * per_token
+
+
+def _kcache_setting(k) -> str:
+    return f" (top_n={k.top_n}, chunk_tokens={k.chunk_tokens}, selection={k.selection}, renormalize={k.renormalize})"
