@@ -11,6 +11,7 @@ import torch
 pytest.importorskip("triton")
 if not torch.cuda.is_available():
     pytest.skip("needs a CUDA GPU", allow_module_level=True)
+pytestmark = pytest.mark.gpu
 
 from kcache.attention import reference as ref  # noqa: E402
 from kcache.attention import triton_decode as td  # noqa: E402
@@ -203,4 +204,36 @@ def test_chunked_prefill_reads_earlier_v_from_the_host_pool():
         outs.append(cache.attend(0, q[start:end], k[start:end], v[start:end], batch))
     want = ref.prefill_attention(q.double(), k.double(), v.double(), 0)
     assert _rel(torch.cat(outs), want.cpu()) < TOL[torch.float32]
+    cache.close()
+
+
+def test_teacher_forced_rows_run_the_decode_kernel():
+    """Teacher-forced scoring on the GPU runs the decode kernels with the sequence's table repeated per row, so the
+    evaluation measures the kernel the engine decodes with; each row equals a decode step of its own length in the
+    float64 reference."""
+    from kcache.cache.kv import KCache, StepBatch
+    from kcache.models.config import ModelConfig
+
+    torch.manual_seed(next(_seed))
+    cfg = ModelConfig("llama", 100, HKV * G * D, 1, 1, HKV * G, HKV, D, 4096)
+    kcfg = KCacheConfig(top_n=64, chunk_tokens=8)
+    cache = KCache(cfg, 40, BS, torch.float32, torch.device("cuda"), kcfg)
+    L, T = 300, 20
+    table = torch.randperm(40, device="cuda")[:19].to(torch.int32)[None]  # scattered blocks
+    slots = (table[0].long()[:, None] * BS + torch.arange(BS, device="cuda")).flatten()[:L]
+    k, v = (torch.randn(L, HKV, D, device="cuda") for _ in range(2))
+    cache.ops.store_rows(cache.k[0], k, slots)
+    cache.ops.store_rows(cache.v_host[0], v, slots)
+    q = torch.randn(T, HKV * G, D, device="cuda")
+    lens = torch.arange(L - T + 1, L + 1, dtype=torch.int32, device="cuda")  # row j sees the first L - T + 1 + j tokens
+    batch = StepBatch(is_prefill=False, slot_mapping=slots[L - T:], block_tables=table, lengths=lens, shared_table=True)
+    cache.plan(T)
+    _poison()
+    out = cache.attend(0, q, k[L - T:], v[L - T:], batch)
+    torch.cuda.synchronize()
+    tables = table.cpu().expand(T, -1).contiguous()
+    want = ref.kcache_decode(q.cpu().double(), cache.k[0].cpu().double(), cache.v_host[0].double(), tables, lens.cpu(),
+                             kcfg)[0]
+    assert _rel(out, want) < TOL[torch.float32]
+    assert cache.decode_stats(T).v_bytes.min() > 0
     cache.close()
