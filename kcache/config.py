@@ -50,6 +50,12 @@ class KCacheConfig(_Frozen):
             raise ValueError(f"chunk_tokens must be a power of two, got {self.chunk_tokens}")
         return self
 
+    def check_block_size(self, block_size: int) -> None:
+        """A chunk is read from one block: block_size must be a multiple of chunk_tokens."""
+        if block_size % self.chunk_tokens:
+            raise ValueError(f"block_size ({block_size}) must be a multiple of chunk_tokens ({self.chunk_tokens}): a "
+                             "chunk is read from one block")
+
     @property
     def chunk_budget(self) -> int:
         """Chunks selected per head (or KV group) per step: top_n rounded up to whole chunks, plus the chunks that
@@ -111,7 +117,6 @@ class EngineConfig(_Frozen):
     def _check(self) -> "EngineConfig":
         if self.max_model_len is not None and self.max_num_batched_tokens < self.block_size:
             raise ValueError("max_num_batched_tokens must be at least block_size")
-        if self.cache == "kcache" and self.block_size % self.kcache.chunk_tokens:
-            raise ValueError(f"block_size ({self.block_size}) must be a multiple of chunk_tokens "
-                             f"({self.kcache.chunk_tokens}): a chunk is read from one block")
+        if self.cache == "kcache":
+            self.kcache.check_block_size(self.block_size)
         return self

@@ -271,3 +271,15 @@ def test_new_text_streams_the_final_text_and_holds_back_a_stop_string(tiny_chat_
     while engine.has_unfinished():
         engine.step()
     assert [p.new_text for p in quiet] == [""] * (len(quiet) - 1) + [free.text]
+
+
+def test_chunk_size_is_checked_against_the_cache_block_size():
+    """A chunk of a whole 32-token block is allowed with block_size 32; use() refuses a chunk larger than the block."""
+    from kcache.cache.kv import KCache
+    from kcache.models.config import ModelConfig
+
+    cfg = ModelConfig("llama", 100, 64, 1, 1, 4, 2, 16, 4096)
+    cache = KCache(cfg, 4, 32, torch.float32, torch.device("cpu"), KCacheConfig(chunk_tokens=32))
+    assert cache.spec.host_bytes_per_token == 2 * 16 * 4
+    with pytest.raises(ValueError, match="multiple of chunk_tokens"):
+        cache.use(KCacheConfig(chunk_tokens=64))

@@ -63,13 +63,13 @@ class CacheSpec:
         return self.host_bytes_per_token * block_size
 
 
-def cache_spec(cfg: EngineConfig, model: ModelConfig, dtype: torch.dtype) -> CacheSpec:
-    """The spec of the cache `cfg.cache` names (under TP `model` is one rank's shard). K of every layer is on the
-    device; V of every layer too for FullKV, and of the first `dense_layers` layers only for KCache."""
+def cache_spec(model: ModelConfig, dtype: torch.dtype, dense_layers: int | None) -> CacheSpec:
+    """The spec of a cache for `model` (under TP one rank's shard). K of every layer is on the device; so is V of
+    every layer for FullKV (dense_layers None), and of the first `dense_layers` layers only for KCache."""
     row = model.num_kv_heads * model.head_dim * torch.empty((), dtype=dtype).element_size()  # one token, one layer
-    if cfg.cache == "full":
+    if dense_layers is None:
         return CacheSpec(2 * model.num_layers * row, 0)
-    dense = min(cfg.kcache.dense_layers, model.num_layers)
+    dense = min(dense_layers, model.num_layers)
     return CacheSpec((model.num_layers + dense) * row, (model.num_layers - dense) * row)
 
 
@@ -169,7 +169,7 @@ class FullKV(PagedKVCache):
     def __init__(self, cfg, num_blocks, block_size, dtype, device):
         super().__init__(cfg, num_blocks, block_size, dtype, device)
         self.v = torch.empty_like(self.k)
-        self.spec = cache_spec(EngineConfig(cache="full"), cfg, dtype)
+        self.spec = cache_spec(cfg, dtype, None)
 
     def v_layer(self, layer):
         return self.v[layer]
@@ -184,10 +184,10 @@ class KCache(PagedKVCache):
 
     def __init__(self, cfg, num_blocks, block_size, dtype, device, kcfg: KCacheConfig):
         super().__init__(cfg, num_blocks, block_size, dtype, device)
-        _check_chunks(kcfg, block_size)
+        kcfg.check_block_size(block_size)
         self.kcfg = kcfg  # replaced only through use()
         self.dense = min(kcfg.dense_layers, cfg.num_layers)  # layers whose V pool is on the device
-        self.spec = cache_spec(EngineConfig(kcache=kcfg), cfg, dtype)
+        self.spec = cache_spec(cfg, dtype, kcfg.dense_layers)
         shape = self.k.shape[1:]
         self.v_dense = torch.empty((self.dense, *shape), dtype=dtype, device=self.device)
         self.v_host = host_empty((cfg.num_layers - self.dense, *shape), dtype, self.device)
@@ -238,7 +238,7 @@ class KCache(PagedKVCache):
         if kcfg.dense_layers < self.dense:
             raise ValueError(f"this cache keeps V of {self.dense} layers on the device: dense_layers must be at least "
                              f"{self.dense}, got {kcfg.dense_layers}")
-        _check_chunks(kcfg, self.block_size)
+        kcfg.check_block_size(self.block_size)
         self.kcfg = kcfg
 
     @property
@@ -278,12 +278,6 @@ class KCache(PagedKVCache):
         out, mass, rows = reference.kcache_attend(q, k, valid, batch.lengths, read_v, self.kcfg)
         self._record(layer, mass, rows)
         return out
-
-
-def _check_chunks(kcfg: KCacheConfig, block_size: int) -> None:
-    if block_size % kcfg.chunk_tokens:
-        raise ValueError(f"block_size ({block_size}) must be a multiple of chunk_tokens ({kcfg.chunk_tokens}): a chunk "
-                         "is read from one block")
 
 
 def make_cache(cfg: EngineConfig, model: ModelConfig, num_blocks: int, dtype: torch.dtype, device: torch.device) -> PagedKVCache:
