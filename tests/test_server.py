@@ -262,10 +262,12 @@ def test_sigterm_stops_accepting_aborts_in_flight_and_exits_0(tiny_chat_model, t
 
 
 def _refused(url: str) -> bool:
+    """No new request is served: the connection is refused, or (while the listening socket closes) accepted by the
+    kernel's backlog and then dropped without a response."""
     try:
         httpx.get(f"{url}/health", timeout=1)
         return False
-    except httpx.ConnectError:
+    except (httpx.ConnectError, httpx.RemoteProtocolError, httpx.ReadError):
         return True
 
 
