@@ -111,6 +111,9 @@ class EngineConfig(_Frozen):
     host_cache_bytes: int | None = Field(None, ge=1, description="host V pool size; default: as many tokens as the device pool")
     seed: int = 0
     enforce_eager: bool = Field(False, description="never capture CUDA graphs for decode")
+    enable_prefix_caching: bool = Field(
+        True, description="requests that share a prompt prefix share its cached blocks (device K, host V) and "
+        "prefill only the rest")
     tensor_parallel_size: int = Field(1, ge=1)
 
     @model_validator(mode="after")

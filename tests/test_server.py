@@ -107,7 +107,8 @@ def test_chat_stream_equals_whole_answer(client):
     assert chunks[0].choices[0].delta.role == "assistant"
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == whole.choices[0].message.content
     assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["length"]
-    assert chunks[-1].choices == [] and chunks[-1].usage.model_dump() == whole.usage.model_dump()
+    tokens = lambda u: (u.prompt_tokens, u.completion_tokens, u.total_tokens)  # noqa: E731
+    assert chunks[-1].choices == [] and tokens(chunks[-1].usage) == tokens(whole.usage)
     assert all(c.usage is None for c in chunks[:-1])
 
 
@@ -121,6 +122,19 @@ def test_completion_stream_and_stop_string(client):
                                             stream=True, **GREEDY))
     assert "".join(c.choices[0].text for c in chunks) == want  # nothing of the stop string leaked into the stream
     assert chunks[-1].choices[0].finish_reason == "stop"
+
+
+def test_a_repeated_prompt_is_served_from_the_prefix_cache(client, server):
+    prompt = "The quick brown fox jumps over the lazy dog. " * 6  # several 16-token blocks
+    hits = metric(server, "kcache_prefix_cache_hits_total")
+    first = client.completions.create(model=MODEL, prompt=prompt + "First", max_tokens=6, **GREEDY)
+    second = client.completions.create(model=MODEL, prompt=prompt + "Second", max_tokens=6, **GREEDY)
+    cached = second.usage.prompt_tokens_details.cached_tokens
+    assert cached >= 48 and cached % 16 == 0 and cached < second.usage.prompt_tokens  # whole blocks of the shared text
+    assert metric(server, "kcache_prefix_cache_hits_total") - hits >= cached
+    again = client.completions.create(model=MODEL, prompt=prompt + "First", max_tokens=6, **GREEDY)
+    assert again.choices[0].text == first.choices[0].text  # served from the cache, the same greedy answer
+    assert metric(server, "kcache_prefix_cache_blocks") > 0 and 0 < metric(server, "kcache_prefix_cache_hit_rate") <= 1
 
 
 def test_models_health_metrics(client, server):

@@ -43,6 +43,9 @@ class EngineStats:
     device_cache_bytes_used: int = 0
     host_cache_bytes_used: int = 0
     prompt_tokens: int = 0  # of admitted requests
+    prefix_queried_tokens: int = 0  # prompt tokens admissions looked up in the prefix cache, and those found there
+    prefix_hit_tokens: int = 0
+    blocks_cached: int = 0  # blocks in the prefix cache, held or not
     generation_tokens: int = 0
     steps: int = 0
     step_errors: int = 0
@@ -206,7 +209,9 @@ class AsyncEngine:
     def _update_gauges(self) -> None:
         s, plan = self.stats, self.engine.plan
         s.waiting, s.running = len(self.engine.scheduler.waiting), len(self.engine.scheduler.running)
-        s.blocks_used = self.engine.blocks.num_used
+        blocks = self.engine.blocks
+        s.blocks_used, s.blocks_cached = blocks.num_used, blocks.num_cached
+        s.prefix_queried_tokens, s.prefix_hit_tokens = blocks.queried_tokens, blocks.hit_tokens
         s.device_cache_bytes_used = s.blocks_used * plan.device_bytes_per_block
         s.host_cache_bytes_used = s.blocks_used * plan.host_bytes_per_block
 

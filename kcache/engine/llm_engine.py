@@ -76,7 +76,7 @@ class LLMEngine:
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             self.eos_ids.add(self.tokenizer.eos_token_id)
         self.cache = self.runner.cache
-        self.blocks = BlockManager(self.plan.usable_blocks, cfg.block_size)
+        self.blocks = BlockManager(self.plan.usable_blocks, cfg.block_size, cfg.enable_prefix_caching)
         self.scheduler = Scheduler(self.blocks, cfg.max_num_seqs, cfg.max_num_batched_tokens)
         self.seqs: dict[str, Sequence] = {}
         self.callbacks: dict[str, Callable[[RequestOutput], None]] = {}
@@ -208,6 +208,7 @@ class LLMEngine:
         tpot = (times[-1] - times[0]) / (len(times) - 1) if len(times) > 1 else None
         return {
             "prompt_tokens": seq.num_prompt,
+            "cached_prompt_tokens": seq.num_prefix_hit,
             "completion_tokens": len(seq.completion_ids),
             "ttft_s": ttft,
             "tpot_s": tpot,
@@ -235,4 +236,5 @@ class LLMEngine:
         return {
             "device_pool_bytes": self.cache.device_bytes(), "host_pool_bytes": self.cache.host_bytes(),
             "pool_tokens": self.plan.num_tokens, "blocks_used": self.blocks.num_used, "usage": used,
+            "blocks_cached": self.blocks.num_cached,
         }

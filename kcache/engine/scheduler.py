@@ -4,7 +4,8 @@ A step either prefills (chunks of waiting prompts under a token budget; a long p
 or decodes one token for every running sequence. When both kinds of work exist the two alternate, so
 arrivals never stall decoding and decoding never starves arrivals. Admission is FIFO: a prompt is admitted
 only when blocks for all its tokens are free (plus one spare block per running sequence for its next token),
-so nothing is ever over budget. When a decoding sequence needs a block and none is free, the newest running
+so nothing is ever over budget; with prefix caching it first takes the cached blocks of its longest cached
+prefix, and prefills only the rest. When a decoding sequence needs a block and none is free, the newest running
 sequence is preempted by recompute: its blocks are freed and it is re-queued at the front, to be prefilled
 again (exactly) with its generated tokens. Recompute needs no swap space and prefill is compute-bound and
 fast; swapping K out would cost PCIe traffic both ways, and in KCache mode V already lives on the host.
@@ -50,10 +51,8 @@ class Scheduler:
         for seq in self.waiting:
             if budget == 0 or len(self.running) + len(chunks) >= self.max_num_seqs:
                 break
-            if not seq.block_table:
-                if not self.blocks.can_allocate(seq, reserve=len(self.running)):
-                    break  # FIFO: a later, shorter prompt may not overtake (it would starve long prompts)
-                self.blocks.allocate(seq)
+            if not seq.block_table and not self.blocks.admit(seq, reserve=len(self.running)):
+                break  # FIFO: a later, shorter prompt may not overtake (it would starve long prompts)
             n = min(seq.num_tokens - seq.num_cached, budget)
             chunks.append((seq, n))
             budget -= n
@@ -93,10 +92,12 @@ class Scheduler:
         on the host). Returns the sequences that got a token."""
         for seq, n in chunks:
             seq.advance(n)
-            if seq.status is Status.WAITING and seq.num_cached >= seq.num_tokens:
-                self.waiting.remove(seq)
-                seq.status = Status.RUNNING
-                self.running.append(seq)
+            if seq.status is Status.WAITING:  # a prefill chunk: its full blocks may join the prefix cache
+                self.blocks.cache_prefill(seq)
+                if seq.num_cached >= seq.num_tokens:
+                    self.waiting.remove(seq)
+                    seq.status = Status.RUNNING
+                    self.running.append(seq)
         seqs = [s for s, _ in chunks if s.num_cached >= s.num_tokens]
         for seq, token in zip(seqs, tokens):
             seq.token_ids.append(token)

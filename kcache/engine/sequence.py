@@ -59,6 +59,9 @@ class Sequence:
     num_prompt: int = 0
     num_cached: int = 0  # tokens whose K and V are in the cache: moved only by advance, rewind and the block manager
     block_table: BlockTable = field(default_factory=BlockTable)
+    num_prefix_hit: int = 0  # prompt tokens its latest admission found in the prefix cache
+    num_keyed_blocks: int = 0  # leading blocks of block_table looked up in or added to the prefix cache
+    block_keys: list[bytes] = field(default_factory=list)  # content keys of its first full blocks (BlockManager)
     status: Status = Status.WAITING
     finish_reason: str | None = None  # "stop", "length" or "abort"
     num_preemptions: int = 0
@@ -93,5 +96,7 @@ class Sequence:
     def rewind(self, num_tokens: int) -> None:
         """Forget every token after the first num_tokens (the evaluation decodes several methods from one prefill);
         their cache rows are overwritten by the next steps."""
+        assert self.num_keyed_blocks == 0, "a sequence sharing prefix-cached blocks cannot rewind"
         del self.token_ids[num_tokens:]
+        self.block_keys.clear()  # recomputed from the tokens kept when needed
         self.num_cached = min(self.num_cached, num_tokens)

@@ -31,11 +31,18 @@ class EngineCollector:
             ("kcache_device_cache_used_bytes", "device cache bytes held by requests (K; V too for full/dense layers)",
              s.device_cache_bytes_used),
             ("kcache_host_cache_used_bytes", "host cache bytes held by requests (KCache's V)", s.host_cache_bytes_used),
+            ("kcache_prefix_cache_blocks", "blocks in the prefix cache (held by requests or kept for reuse)",
+             s.blocks_cached),
+            ("kcache_prefix_cache_hit_rate", "share of admitted prompt tokens found in the prefix cache",
+             s.prefix_hit_tokens / max(1, s.prefix_queried_tokens)),
         ]
         for name, doc, value in gauges:
             yield GaugeMetricFamily(name, doc, value=value)
         counters = [
             ("kcache_prompt_tokens", "prompt tokens of admitted requests", s.prompt_tokens),
+            ("kcache_prefix_cache_queries", "prompt tokens admissions looked up in the prefix cache (a preempted "
+             "request's re-admission too)", s.prefix_queried_tokens),
+            ("kcache_prefix_cache_hits", "of those, tokens found cached (not prefilled again)", s.prefix_hit_tokens),
             ("kcache_generation_tokens", "tokens generated", s.generation_tokens),
             ("kcache_engine_steps", "engine steps run", s.steps),
             ("kcache_engine_step_errors", "engine steps that raised (their requests failed)", s.step_errors),

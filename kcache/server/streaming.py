@@ -15,7 +15,9 @@ from kcache.server.metrics import Metrics
 
 def usage(out: RequestOutput) -> p.Usage:
     n_prompt, n_new = len(out.prompt_token_ids), len(out.token_ids)
-    return p.Usage(prompt_tokens=n_prompt, completion_tokens=n_new, total_tokens=n_prompt + n_new)
+    cached = p.PromptTokensDetails(cached_tokens=out.metrics.get("cached_prompt_tokens", 0))
+    return p.Usage(prompt_tokens=n_prompt, completion_tokens=n_new, total_tokens=n_prompt + n_new,
+                   prompt_tokens_details=cached)
 
 
 class CompletionFormat:
