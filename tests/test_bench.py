@@ -39,7 +39,7 @@ def test_book_prompts_are_windows_of_the_book(smollm2_tokenizer):
     from kcache.bench.throughput import make_requests, read_dataset
 
     text = read_dataset("peter_pan")
-    args = Namespace(seed=0, random_range_ratio=0.0, input_len=64, output_len=8, num_prompts=6)
+    args = Namespace(seed=0, random_range_ratio=0.0, input_len=64, output_len=8, num_prompts=6, shared_prefix_len=0)
     requests = make_requests(args, text, len(smollm2_tokenizer), smollm2_tokenizer)
     book = smollm2_tokenizer(text, add_special_tokens=False)["input_ids"]
     twice = book + book  # a window may wrap around the end
@@ -71,3 +71,19 @@ def test_bench_dataset_errors_are_one_line(tmp_path, capsys):
         assert main(["bench", *argv]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("kcache bench: error:") and words in err[0], err
+
+
+def test_shared_prefix_workload_hits_the_cache_and_cuts_ttft(tiny_chat_model, tmp_path):
+    out = tmp_path / "prefix.json"
+    rc = main(["bench", "--model", str(tiny_chat_model), "--compare-prefix-caching", "--shared-prefix-len", "192",
+               "--input-len", "8", "--output-len", "4", "--num-prompts", "4", "--block-size", "16",
+               "--max-num-batched-tokens", "64", "--output-json", str(out)])
+    assert rc == 0
+    data = json.loads(out.read_text())
+    cached, plain = data["results"]["kcache/prefix"], data["results"]["kcache/no-prefix"]
+    # requests 2-4 find the 192 shared tokens (12 whole blocks) cached; without caching nothing is
+    assert cached["prefix_cached_tokens_per_request"] == 192 * 3 / 4 and plain["prefix_cached_tokens_per_request"] == 0
+    # the first prompt (192 + 8 tokens) is prefilled in full, the others only past the 12 shared blocks
+    assert plain["prefill_tokens"] == 4 * 200 and cached["prefill_tokens"] == 200 + 3 * 8
+    assert "mean_ttft_after_first_s" in data["ratios"]["kcache: prefix/none"]
+    assert cached["requests"] == plain["requests"] == 4

@@ -4,6 +4,11 @@ All prompts are submitted at once (`ignore_eos`), so the scheduler admits as man
 the largest concurrent batch is where KCache's halved device footprint shows. Prompts are random token ids, or
 windows of a real text (`--dataset`): real weights attend to real text as they do in use, which decides how much
 of the attention the top N keep and how often consecutive steps select the same tokens.
+
+`--shared-prefix-len P` models questions over one long document: every prompt starts with the same P tokens and
+goes on with its own --input-len tokens; the first request runs alone until its first token, then the others
+arrive. `--compare-prefix-caching` runs each cache mode with the prefix cache on and off, for their TTFT (the
+mean over the requests after the first is the number prefix caching changes) and for throughput without sharing.
 """
 from __future__ import annotations
 
@@ -20,11 +25,12 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from kcache.cli import CLIError, add_engine_args, engine_config_from_args, positive_int
+from kcache.cli import CLIError, add_engine_args, engine_config_from_args, non_negative_int, positive_int
 from kcache.eval.haystack import BOOKS, read_text
 
 RATIO_KEYS = ("requests_per_s", "output_tokens_per_s", "prefill_tokens_per_s", "decode_tokens_per_s",
-              "full_batch_decode_tokens_per_s", "max_concurrent_seqs", "mean_ttft_s", "mean_tpot_s")
+              "full_batch_decode_tokens_per_s", "max_concurrent_seqs", "mean_ttft_s", "mean_ttft_after_first_s",
+              "mean_tpot_s")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -36,7 +42,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", default="random",
                    help=f"prompt source: 'random' token ids, a shipped book ({', '.join(BOOKS)}) or a text file, cut "
                         "into windows of --input-len tokens at different offsets (needs the model's tokenizer)")
+    p.add_argument("--shared-prefix-len", type=non_negative_int, default=0,
+                   help="tokens every prompt starts with (one document, many questions); the first request runs "
+                        "alone until its first token, then the others arrive")
     p.add_argument("--compare", action="store_true", help="run KCache and FullKV in one process and print the ratio")
+    p.add_argument("--compare-prefix-caching", action="store_true",
+                   help="run each cache mode with the prefix cache on and off and print the ratio")
     p.add_argument("--output-json", type=Path, help="write the results here")
     add_engine_args(p)
 
@@ -51,11 +62,14 @@ def make_requests(args, text: str | None, vocab: int, tokenizer) -> list[tuple[l
 
     lengths = [(draw(args.input_len), draw(args.output_len)) for _ in range(args.num_prompts)]
     if text is None:
-        return [([rng.randrange(10, vocab) for _ in range(n)], out) for n, out in lengths]
-    if tokenizer is None:
+        tokens = lambda n: [rng.randrange(10, vocab) for _ in range(n)]  # noqa: E731
+    elif tokenizer is None:
         raise CLIError("--dataset with a text needs a model with a tokenizer (dummy weights have none): use --dataset random")
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    return [(window(ids, rng.randrange(len(ids)), n), out) for n, out in lengths]
+    else:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        tokens = lambda n: window(ids, rng.randrange(len(ids)), n)  # noqa: E731
+    prefix = tokens(args.shared_prefix_len) if args.shared_prefix_len else []
+    return [(prefix + tokens(n), out) for n, out in lengths]
 
 
 def read_dataset(source: str) -> str | None:
@@ -89,7 +103,8 @@ def run_mode(cfg, loaded, args, text: str | None) -> dict:
 
     engine = LLMEngine(cfg, loaded)
     try:
-        return measure(engine, make_requests(args, text, engine.model_config.vocab_size, engine.tokenizer))
+        requests = make_requests(args, text, engine.model_config.vocab_size, engine.tokenizer)
+        return measure(engine, requests, first_alone=args.shared_prefix_len > 0)
     finally:
         engine.close()
         del engine
@@ -98,27 +113,35 @@ def run_mode(cfg, loaded, args, text: str | None) -> dict:
             torch.cuda.empty_cache()
 
 
-def measure(engine, requests) -> dict:
-    """Submit every request at once, step until all finish; the summary of the run."""
+def measure(engine, requests, first_alone: bool = False) -> dict:
+    """Submit every request at once (or the first alone, the others once it has its first token), step until all
+    finish; the summary of the run."""
     from kcache.config import SamplingParams
 
     if engine.device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
-    for ids, out_len in requests:
-        engine.add_request(ids, SamplingParams(max_tokens=out_len, ignore_eos=True))
+    pending = [(ids, SamplingParams(max_tokens=out_len, ignore_eos=True)) for ids, out_len in requests]
+    order = [engine.add_request(ids, params) for ids, params in (pending[:1] if first_alone else pending)]
+    pending = pending[1:] if first_alone else []
     finished, steps = [], []
     with tqdm(total=len(requests), desc=f"bench {engine.cfg.cache}", unit="req", file=sys.stderr) as bar:
         while engine.has_unfinished():
-            for out in engine.step():
+            outs = engine.step()
+            for out in outs:
                 if out.finished:
                     finished.append(out)
                     bar.update(1)
             if engine.last_step is not None:
                 steps.append(engine.last_step)
+            if pending and outs:  # the first request has its first token
+                order += [engine.add_request(ids, params) for ids, params in pending]
+                pending = []
     if engine.device.type == "cuda":
         torch.cuda.synchronize()
+    rank = {rid: i for i, rid in enumerate(order)}
+    finished.sort(key=lambda o: rank[o.request_id])  # in submission order: the first request's TTFT comes first
     return summarize(engine, finished, steps, time.perf_counter() - t0)
 
 
@@ -146,12 +169,15 @@ def summarize(engine, finished, steps, elapsed: float) -> dict:
         "mean_decode_batch": sum(s.num_tokens for s in decode) / len(decode) if decode else float("nan"),
         "decode_seconds": decode_s,
         "prefill_seconds": sum(s.seconds for s in prefill),
+        "prefill_tokens": sum(s.num_tokens for s in prefill),
         "prefill_tokens_per_s": _tokens_per_s(prefill),
         "mean_ttft_s": sum(ttft) / len(ttft), "p50_ttft_s": percentile(ttft, 50), "p99_ttft_s": percentile(ttft, 99),
+        "mean_ttft_after_first_s": sum(ttft[1:]) / len(ttft[1:]) if len(ttft) > 1 else float("nan"),
         "mean_tpot_s": sum(tpot) / len(tpot) if tpot else float("nan"),
         "p50_tpot_s": percentile(tpot, 50), "p99_tpot_s": percentile(tpot, 99),
         "max_concurrent_seqs": engine.scheduler.max_running,
         "preemptions": sum(o.metrics["preemptions"] for o in finished),
+        "prefix_cached_tokens_per_request": sum(o.metrics["cached_prompt_tokens"] for o in finished) / len(finished),
         "pool_tokens": mem["pool_tokens"],
         "device_pool_bytes": mem["device_pool_bytes"],
         "host_pool_bytes": mem["host_pool_bytes"],
@@ -174,21 +200,23 @@ def machine() -> dict:
     return info
 
 
-def print_table(results: dict[str, dict], ratio: dict | None) -> None:
+def print_table(results: dict[str, dict], ratios: dict[str, dict]) -> None:
+    """One column per run, then one per ratio (named 'a/b')."""
     rows = ["requests_per_s", "output_tokens_per_s", "prefill_tokens_per_s", "decode_tokens_per_s",
             "full_batch_decode_tokens_per_s",
-            "mean_decode_batch", "mean_ttft_s", "p50_ttft_s", "p99_ttft_s",
-            "mean_tpot_s", "p50_tpot_s", "p99_tpot_s", "max_concurrent_seqs", "preemptions", "pool_tokens",
-            "device_pool_bytes", "host_pool_bytes", "mass_kept_mean"]
-    modes = list(results)
+            "mean_decode_batch", "mean_ttft_s", "mean_ttft_after_first_s", "p50_ttft_s", "p99_ttft_s",
+            "mean_tpot_s", "p50_tpot_s", "p99_tpot_s", "max_concurrent_seqs", "preemptions",
+            "prefix_cached_tokens_per_request", "pool_tokens", "device_pool_bytes", "host_pool_bytes", "mass_kept_mean"]
     width = max(map(len, rows)) + 2
-    header = f"{'metric':<{width}}" + "".join(f"{m:>16}" for m in modes) + (f"{'kcache/full':>14}" if ratio else "")
-    print(header)
+    columns = {name: max(16, len(name) + 2) for name in [*results, *ratios]}
+    print(f"{'metric':<{width}}" + "".join(f"{name:>{w}}" for name, w in columns.items()))
     for key in rows:
-        line = f"{key:<{width}}" + "".join(f"{_fmt(results[m][key]):>16}" for m in modes)
-        if ratio:
-            line += f"{_fmt(ratio.get(key)) if key in ratio else '':>14}"
-        print(line)
+        cells = [_fmt(results[m][key]) for m in results] + [_fmt(r[key]) if key in r else "" for r in ratios.values()]
+        print(f"{key:<{width}}" + "".join(f"{c:>{w}}" for c, w in zip(cells, columns.values())))
+
+
+def _ratio(a: dict, b: dict) -> dict:
+    return {k: a[k] / b[k] for k in RATIO_KEYS if b[k]}
 
 
 def _fmt(v) -> str:
@@ -202,24 +230,34 @@ def _fmt(v) -> str:
 def run(args) -> int:
     from kcache.models import loader
 
-    modes = ["kcache", "full"] if args.compare else [args.cache]
+    caches = ["kcache", "full"] if args.compare else [args.cache]
     base = engine_config_from_args(args)
+    prefix = [True, False] if args.compare_prefix_caching else [base.enable_prefix_caching]
     text = read_dataset(args.dataset)
     # one load shared by both modes; under tensor parallelism each rank loads its own shard instead
     loaded = loader.load(base.model, base.load_format, base.dtype, base.device, base.seed) if base.tensor_parallel_size == 1 else None
-    longest = int(args.input_len * (1 + args.random_range_ratio)) + int(args.output_len * (1 + args.random_range_ratio))
+    longest = (args.shared_prefix_len + int(args.input_len * (1 + args.random_range_ratio))
+               + int(args.output_len * (1 + args.random_range_ratio)))
+    name = lambda cache, cached: f"{cache}/{'prefix' if cached else 'no-prefix'}" if len(prefix) > 1 else cache  # noqa: E731
     results = {}
-    for mode in modes:
-        cfg = base.model_copy(update={"cache": mode, "max_model_len": base.max_model_len or longest})
-        results[mode] = run_mode(cfg, loaded, args, text)
-    ratio = None
+    for cache in caches:
+        for cached in prefix:
+            cfg = base.model_copy(update={"cache": cache, "enable_prefix_caching": cached,
+                                          "max_model_len": base.max_model_len or longest})
+            results[name(cache, cached)] = run_mode(cfg, loaded, args, text)
+    ratios = {}
     if args.compare:
-        ratio = {k: results["kcache"][k] / results["full"][k] for k in RATIO_KEYS if results["full"][k]}
-    print_table(results, ratio)
+        for cached in prefix:
+            ratios[f"{name('kcache', cached)}/{name('full', cached)}"] = _ratio(results[name("kcache", cached)], results[name("full", cached)])
+    if args.compare_prefix_caching:
+        for cache in caches:
+            ratios[f"{cache}: prefix/none"] = _ratio(results[name(cache, True)], results[name(cache, False)])
+    print_table(results, ratios)
     if args.output_json:
         payload = {"command": args.command_line,
                    "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-                   "machine": machine(), "model": base.model, "results": results, "kcache_over_full": ratio}
+                   "machine": machine(), "model": base.model, "results": results, "ratios": ratios,
+                   "kcache_over_full": ratios.get("kcache/full")}
         args.output_json.parent.mkdir(parents=True, exist_ok=True)
         args.output_json.write_text(json.dumps(payload, indent=2))
         print(f"wrote {args.output_json}", file=sys.stderr)
