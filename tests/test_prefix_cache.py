@@ -55,16 +55,21 @@ def run_staged(engine, stages: list[list[list[int]]], params=GREEDY, check=accou
     return outs
 
 
-@pytest.mark.parametrize("cache", ["full", "kcache"])
+MODES = {"full": ("full", KCFG), "kcache": ("kcache", KCFG),
+         "kcache-dense1": ("kcache", KCacheConfig(**{**KCFG.model_dump(), "dense_layers": 1}))}  # layer 0's V on the device
+
+
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("prefix_len", [21, 32, 64])  # inside a block, at a block edge, several blocks
-def test_shared_prefixes_decode_as_without_caching(llama, cache, prefix_len):
+def test_shared_prefixes_decode_as_without_caching(llama, mode, prefix_len):
+    cache, kcfg = MODES[mode]
     first, rest = shared_prompts(prefix_len, 1, seed=prefix_len), shared_prompts(prefix_len, 5, seed=prefix_len)[1:]
     # the whole first prompt again, and a prompt that is exactly the shared prefix
     rest += [first[0], first[0][:prefix_len]]
     stages = [first, rest]
     kw = dict(block_size=BS, max_num_batched_tokens=48)
-    plain = run_staged(make_engine(llama, cache, KCFG, enable_prefix_caching=False, **kw), stages)
-    engine = make_engine(llama, cache, KCFG, **kw)
+    plain = run_staged(make_engine(llama, cache, kcfg, enable_prefix_caching=False, **kw), stages)
+    engine = make_engine(llama, cache, kcfg, **kw)
     cached = run_staged(engine, stages)
     assert [o.token_ids for o in cached] == [o.token_ids for o in plain]
     hits = [o.metrics["cached_prompt_tokens"] for o in cached]

@@ -1,4 +1,4 @@
-"""Tensor parallelism on CPU (gloo, 2 processes): TP=2 greedy output equals TP=1, in both cache modes."""
+"""Tensor parallelism on CPU (gloo, 2 and 4 processes): TP=2 and TP=4 greedy output equal TP=1, in both cache modes."""
 from __future__ import annotations
 
 import multiprocessing
@@ -66,6 +66,37 @@ def test_tp2_matches_tp1(checkpoint, mode):
         torch.testing.assert_close(prefill_logits(two), logits, atol=1e-5, rtol=1e-5)  # partial sums add up in another order
     finally:
         two.close()
+    assert not multiprocessing.active_children()
+
+
+@pytest.fixture(scope="module")
+def four_kv_heads(tmp_path_factory):
+    """A tiny Llama whose 8 query and 4 KV heads split over 4 ranks (one KV head each, as 70B's 8 do over 8)."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from conftest import TINY
+
+    folder = tmp_path_factory.mktemp("tp4-llama")
+    torch.manual_seed(4)
+    cfg = LlamaConfig(**{**TINY, "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 16})
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+@pytest.mark.parametrize("mode", ["full", "kcache-top4"])
+def test_tp4_matches_tp1(four_kv_heads, mode):
+    cache, kcfg = CACHES[mode]
+    one = engine(four_kv_heads, cache, kcfg)
+    expected, logits = greedy(one), prefill_logits(one)
+    one.close()
+    four = engine(four_kv_heads, cache, kcfg, tp=4)
+    try:
+        assert four.cache.k.shape[2] == 1  # one KV head per rank
+        assert four.plan.device_bytes_per_block * 4 == one.plan.device_bytes_per_block
+        assert greedy(four) == expected
+        torch.testing.assert_close(prefill_logits(four), logits, atol=1e-5, rtol=1e-5)
+    finally:
+        four.close()
     assert not multiprocessing.active_children()
 
 
