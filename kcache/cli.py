@@ -131,12 +131,12 @@ def user_errors() -> tuple[type[BaseException], ...]:
 
     from kcache.distributed.sharding import TensorParallelError
     from kcache.engine.llm_engine import RequestError
-    from kcache.engine.memory import CacheTooSmallError
+    from kcache.engine.memory import CacheTooSmallError, HostMemoryError
     from kcache.models.config import UnsupportedModelError
     from kcache.models.loader import ModelLoadError
 
-    return (CLIError, ValidationError, RequestError, CacheTooSmallError, UnsupportedModelError, ModelLoadError,
-            TensorParallelError, OSError)
+    return (CLIError, ValidationError, RequestError, CacheTooSmallError, HostMemoryError, UnsupportedModelError,
+            ModelLoadError, TensorParallelError, OSError)
 
 
 def _field_error(err: dict) -> str:

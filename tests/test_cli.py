@@ -85,3 +85,11 @@ def test_mistral_window_shorter_than_context(tmp_path):
 
     save_tiny("mistral", tmp_path)  # sliding window 512, context 1024
     assert_one_line_error(kcache("generate", "hi", "--model", str(tmp_path)), "sliding window")
+
+
+def test_pools_larger_than_host_memory(tiny_chat_model):
+    from kcache.engine.memory import available_host_bytes
+
+    too_much = str(2 * available_host_bytes() / 2**30)  # GiB: each pool alone is twice what the machine has free
+    r = kcache("generate", "hi", "--model", str(tiny_chat_model), "--device-cache-gb", too_much, "--host-cache-gb", too_much)
+    assert_one_line_error(r, "GiB of host memory", "is available", "--host-cache-gb")

@@ -137,3 +137,14 @@ def test_a_retired_group_lets_the_next_engine_start_one():
     assert x.tolist() == [1.0, 1.0, 1.0]
     comm.destroy()
     assert not dist.is_initialized()
+
+
+def test_host_memory_counts_every_rank(monkeypatch):
+    """Each rank holds its own heads' V in host memory: 4 ranks of 29.3 GiB do not fit in 100 GiB, 2 do."""
+    from kcache.engine import memory
+
+    monkeypatch.setattr(memory, "available_host_bytes", lambda: 100 << 30)
+    plan = memory.PoolPlan(num_blocks=1000, block_size=16, device_bytes_per_block=1 << 20, host_bytes_per_block=30 << 20)
+    memory.check_host_memory(plan, EngineConfig(tensor_parallel_size=2), torch.device("cuda"))
+    with pytest.raises(memory.HostMemoryError, match=r"117.2 GiB of host memory \(4 ranks x 29.3 GiB\)"):
+        memory.check_host_memory(plan, EngineConfig(tensor_parallel_size=4), torch.device("cuda"))

@@ -22,6 +22,10 @@ class CacheTooSmallError(ValueError):
     """The memory budgets leave too few cache tokens for one sequence of max_model_len."""
 
 
+class HostMemoryError(ValueError):
+    """The pools that live in host memory (KCache's V; every pool on a CPU) need more than the machine has free."""
+
+
 @dataclass(frozen=True)
 class PoolPlan:
     num_blocks: int  # blocks the pools hold
@@ -46,7 +50,28 @@ def uses_graphs(cfg: EngineConfig, device: torch.device) -> bool:
 
 
 def available_host_bytes() -> int:
+    """Host memory a new allocation can get: Linux's MemAvailable (free pages and reclaimable page cache)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def check_host_memory(plan: PoolPlan, cfg: EngineConfig, device: torch.device) -> None:
+    """Refuse pools the host cannot hold, before allocating them: under TP every rank on this machine holds its own
+    heads' V (and, on a CPU, its device pool too), and a pinned pool that does not fit fails late or not clearly."""
+    per_rank = plan.num_blocks * (plan.host_bytes_per_block + (plan.device_bytes_per_block if device.type == "cpu" else 0))
+    need, free = per_rank * cfg.tensor_parallel_size, available_host_bytes()
+    if need > free:
+        ranks = f"{cfg.tensor_parallel_size} ranks x {per_rank / 2**30:.1f} GiB" if cfg.tensor_parallel_size > 1 else "one rank"
+        raise HostMemoryError(
+            f"the cache pools need {need / 2**30:.1f} GiB of host memory ({ranks}), and {free / 2**30:.1f} GiB is "
+            "available: lower --host-cache-gb (per rank) or --device-cache-gb, or use a machine with more RAM"
+        )
 
 
 def device_budget(cfg: EngineConfig, device: torch.device, activation_peak: int) -> int:
@@ -100,6 +125,7 @@ def plan_pools(cfg: EngineConfig, model: ModelConfig, dtype: torch.dtype, device
     blocks = int(blocks)
     scratch = blocks - 1 if uses_graphs(cfg, device) else None
     plan = PoolPlan(blocks, cfg.block_size, dev_per_block, host_per_block, scratch)
+    check_host_memory(plan, cfg, device)
     if plan.usable_blocks * plan.block_size < max_model_len:
         raise CacheTooSmallError(
             f"the cache budgets hold {plan.usable_blocks * plan.block_size} tokens, fewer than one sequence of "
