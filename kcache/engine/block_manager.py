@@ -135,8 +135,9 @@ class BlockManager:
         """The content keys of seq's first n full blocks, computed once per block (tokens in a full block never
         change while the sequence lives)."""
         keys, bs = seq.block_keys, self.block_size
-        while len(keys) < n:
-            i = len(keys)
-            tokens = np.asarray(seq.token_ids[i * bs:(i + 1) * bs], dtype=np.int64).tobytes()
-            keys.append(hashlib.blake2b(tokens, key=keys[-1] if keys else b"", digest_size=16).digest())
+        if len(keys) < n:
+            data = np.asarray(seq.token_ids[len(keys) * bs:n * bs], dtype=np.int64).tobytes()  # one conversion
+            step = bs * 8
+            for off in range(0, len(data), step):
+                keys.append(hashlib.blake2b(data[off:off + step], key=keys[-1] if keys else b"", digest_size=16).digest())
         return keys[:n]
