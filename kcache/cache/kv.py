@@ -129,7 +129,6 @@ class PagedKVCache:
                  kv_cache_dtype: Literal["auto", "fp8"] = "auto"):
         self.cfg, self.num_blocks, self.block_size = cfg, num_blocks, block_size
         self.dtype, self.device = dtype, torch.device(device)
-        self.kv_cache_dtype = kv_cache_dtype
         self.fp8 = kv_cache_dtype == "fp8"
         if self.fp8:
             check_fp8(self.device)
