@@ -5,13 +5,16 @@
 # Env: OUTPUT_LEN (default 128); PROMPTS (default: about twice what FullKV holds on an 80 GB card); TOP_NS (default
 # 64: the first N runs --compare against FullKV, the others KCache alone); CHUNK (chunk_tokens of those runs, default
 # the config's); TOKEN_N (also run KCache at chunk_tokens=1 with this N, for reference); DEVICE_GB (device cache
-# budget, default: what the card leaves); MAX_SEQS (default 128); TAG (file-name tag, e.g. _pool48); OUT_DIR.
+# budget, default: what the card leaves); MAX_SEQS (default 128); TAG (file-name tag, e.g. _pool48); OUT_DIR;
+# KV_DTYPE (auto or fp8: --kv-cache-dtype of every run, FullKV's and KCache's; default auto); HOST_GB (host V pool,
+# default 96: FP8 K fits ~46 sequences of 32k in a 48 GiB device budget, whose bf16 V take ~97 GiB).
 set -euo pipefail
 OUT_DIR=${OUT_DIR:-benchmarks/results}
 OUTPUT_LEN=${OUTPUT_LEN:-128}
 CARD=$(python3 -c "import torch; print(torch.cuda.get_device_name().split()[1].lower())")
 COMMON=(--model llama-3.1-8b --load-format dummy --dtype bfloat16 --max-num-batched-tokens 32768
-        --host-cache-gb 96 --max-num-seqs "${MAX_SEQS:-128}" --output-len "$OUTPUT_LEN")
+        --host-cache-gb "${HOST_GB:-96}" --max-num-seqs "${MAX_SEQS:-128}" --output-len "$OUTPUT_LEN"
+        --kv-cache-dtype "${KV_DTYPE:-auto}")
 [ -z "${DEVICE_GB:-}" ] || COMMON+=(--device-cache-gb "$DEVICE_GB")
 KC=()
 [ -z "${CHUNK:-}" ] || KC+=(--chunk-tokens "$CHUNK")

@@ -73,6 +73,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     c.add_argument("--chunk-tokens", type=positive_int, default=None,
                    help="tokens per selected chunk, read from host memory as one piece (a power of two dividing "
                         "--block-size; 1: token-level selection)")
+    c.add_argument("--kv-cache-dtype", choices=["auto", "fp8"], default=d("kv_cache_dtype"),
+                   help="fp8: K (and FullKV's V) stored as float8 e4m3 with a scale per token and KV head")
     m = p.add_argument_group("memory")
     m.add_argument("--block-size", type=positive_int, default=d("block_size"))
     m.add_argument("--max-num-seqs", type=positive_int, default=d("max_num_seqs"), help="largest decode batch")
@@ -100,6 +102,7 @@ def engine_config_from_args(args, **overrides):
     gib = lambda x: None if x is None else int(x * 2**30)  # noqa: E731
     fields = dict(
         model=args.model, load_format=args.load_format, dtype=args.dtype, device=args.device, cache=args.cache,
+        kv_cache_dtype=args.kv_cache_dtype,
         kcache=kcache_config_from_args(args), block_size=args.block_size, max_model_len=args.max_model_len,
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         device_memory_fraction=args.device_memory_fraction, device_cache_bytes=gib(args.device_cache_gb),
@@ -129,6 +132,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
     """Exceptions that mean bad input, not a bug."""
     from pydantic import ValidationError
 
+    from kcache.cache.kv import KVCacheDtypeError
     from kcache.distributed.sharding import TensorParallelError
     from kcache.engine.llm_engine import RequestError
     from kcache.engine.memory import CacheTooSmallError, HostMemoryError
@@ -136,7 +140,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from kcache.models.loader import ModelLoadError
 
     return (CLIError, ValidationError, RequestError, CacheTooSmallError, HostMemoryError, UnsupportedModelError,
-            ModelLoadError, TensorParallelError, OSError)
+            ModelLoadError, TensorParallelError, KVCacheDtypeError, OSError)
 
 
 def _field_error(err: dict) -> str:

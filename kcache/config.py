@@ -102,6 +102,11 @@ class EngineConfig(_Frozen):
     device: str = "auto"
     cache: Literal["kcache", "full"] = "kcache"
     kcache: KCacheConfig = KCacheConfig()
+    kv_cache_dtype: Literal["auto", "fp8"] = Field(
+        "auto",
+        description="auto: the cache in the model's dtype; fp8: K on the device as float8 e4m3 with one float32 "
+        "scale per token and KV head (FullKV stores V the same way; KCache keeps its host V in the model's dtype)",
+    )
     block_size: int = Field(16, ge=1)
     max_model_len: int | None = Field(None, ge=1, description="defaults to the model's context length")
     max_num_seqs: int = Field(256, ge=1)

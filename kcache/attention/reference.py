@@ -7,6 +7,12 @@ the unit KCache reads from host memory. A sequence's blocks are listed in its ro
 `[batch, max_blocks]` and it holds `lengths[b]` tokens.
 
 Decode (one query token per sequence) is vectorised over batch, heads and tokens; prefill runs per sequence.
+
+FP8 pools (`kv_cache_dtype="fp8"`) hold float8 e4m3 rows and a float32 scale per row, in a scales pool of the same
+layout with head_dim 1 (`[num_blocks, kv_heads, block_size, 1]`), so every row operation here serves both. A row's
+scale is its largest magnitude / 448 (e4m3's largest value): each (token, KV head) uses the whole e4m3 range, and
+a decode step appends a token without touching the rest of its block. `dequantize` is the one definition of the
+stored values: the kernels fold the same scale into the logits (K) or the weights (V).
 """
 from __future__ import annotations
 
@@ -18,10 +24,32 @@ import torch.nn.functional as F
 from kcache.config import KCacheConfig
 
 
+FP8 = torch.float8_e4m3fn
+FP8_MAX = torch.finfo(FP8).max  # 448
+
+
+def quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows x [..., D] -> (float8 e4m3 rows [..., D], float32 scales [..., 1]): x ~ rows * scales."""
+    x = x.float()
+    scales = (x.abs().amax(-1, keepdim=True) / FP8_MAX).clamp_min(torch.finfo(torch.float32).tiny)  # 0 rows stay 0
+    return (x / scales).clamp(-FP8_MAX, FP8_MAX).to(FP8), scales  # the clamp absorbs the division's rounding
+
+
+def dequantize(rows: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The values FP8 rows [..., D] with scales [..., 1] stand for, computed in dtype."""
+    return rows.to(dtype) * scales.to(dtype)
+
+
 def rows_at(pool: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
     """pool [blocks, Hkv, bs, D], slots [...] long on the pool's device -> rows [..., Hkv, D]."""
     bs = pool.shape[2]
     return pool[slots // bs, :, slots % bs]
+
+
+def read_rows(pool: torch.Tensor, slots: torch.Tensor, scales: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """rows_at, dequantised in dtype when the pool is FP8 (scales: its scales pool), else as stored."""
+    rows = rows_at(pool, slots)
+    return rows if scales is None else dequantize(rows, rows_at(scales, slots), dtype)
 
 
 def store_rows(pool: torch.Tensor, rows: torch.Tensor, slots: torch.Tensor) -> None:
@@ -66,13 +94,14 @@ def _scores(q: torch.Tensor, k: torch.Tensor, valid: torch.Tensor, scale: float)
     return torch.softmax(s, dim=-1)
 
 
-def full_decode(q, k_cache, v_cache, block_tables, lengths, scale=None):
-    """Ordinary attention of one query per sequence over its whole cache: q [B, H, D] -> [B, H, D]."""
+def full_decode(q, k_cache, v_cache, block_tables, lengths, scale=None, k_scales=None, v_scales=None):
+    """Ordinary attention of one query per sequence over its whole cache: q [B, H, D] -> [B, H, D]. FP8 pools come
+    with their scales pools."""
     D = q.shape[-1]
     scale = scale if scale is not None else 1.0 / math.sqrt(D)
     slots, valid = token_slots(block_tables, lengths, k_cache.shape[2])
-    k = rows_at(k_cache, slots)  # [B, L, Hkv, D]
-    v = rows_at(v_cache, slots)
+    k = read_rows(k_cache, slots, k_scales, q.dtype)  # [B, L, Hkv, D]
+    v = read_rows(v_cache, slots, v_scales, q.dtype)
     out = F.scaled_dot_product_attention(
         q[:, :, None, :], k.transpose(1, 2), v.transpose(1, 2),
         attn_mask=valid[:, None, None, :], scale=scale, enable_gqa=True,
@@ -156,13 +185,14 @@ def pool_v_reader(v_cache: torch.Tensor, slots: torch.Tensor, out_device):
     return read_v
 
 
-def kcache_decode(q, k_cache, v_cache, block_tables, lengths, cfg: KCacheConfig, scale=None):
+def kcache_decode(q, k_cache, v_cache, block_tables, lengths, cfg: KCacheConfig, scale=None, k_scales=None):
     """KCache decode over paged pools: q [B, H, D] -> (out [B, H, D], mass_kept [B, H] float32, V rows read [B]).
 
-    k_cache lives on q's device, v_cache may live in host memory; only the selected V rows are read.
+    k_cache lives on q's device (FP8 with its scales pool k_scales, or not), v_cache may live in host memory; only
+    the selected V rows are read.
     """
     slots, valid = token_slots(block_tables, lengths, k_cache.shape[2])
-    k = rows_at(k_cache, slots).transpose(1, 2)  # [B, Hkv, L, D]
+    k = read_rows(k_cache, slots, k_scales, torch.float32).transpose(1, 2)  # [B, Hkv, L, D]; the scores are float32
     return kcache_attend(q, k, valid, lengths, pool_v_reader(v_cache, slots, q.device), cfg, scale)
 
 

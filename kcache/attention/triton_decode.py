@@ -10,6 +10,11 @@ One program handles all G query heads of a KV head, so each K row is read once p
 G rows are padded to 16 for `tl.dot`. The sequence is split so that small batches still fill the GPU; the
 split count depends only on static shapes, so every launch here can be captured in a CUDA graph.
 
+FP8 pools (float8 e4m3 rows, a float32 scale per row in a scales pool of the same layout, see
+kcache.attention.reference) are dequantised on load: the K tile goes into the dot as q's dtype (e4m3 values are
+exact in bf16 and float32) and each row's scale multiplies its logit; a V row's scale multiplies its weight. That is
+the reference's dequantise-then-multiply, reassociated. The flags KQ / VQ (constexpr) say which pools are FP8.
+
 KCache decode runs four launches (a merge level more for very long contexts):
   scores  K tiles -> each chunk's log-sum-exp of scaled logits [B, Hkv, G, L/c] + per-split (max, sum-exp), so the
           softmax is exact and the ranking reads 1/c of what token logits would take
@@ -72,15 +77,19 @@ def _kv_rows(table_row, pos, valid, BS: tl.constexpr, HKV: tl.constexpr, h):
 
 
 @triton.jit
-def _tile_logits(qv, k_cache, table_row, pos, end, scale, h, HKV: tl.constexpr, D: tl.constexpr, BS: tl.constexpr,
-                 PREC: tl.constexpr):
+def _tile_logits(qv, k_cache, k_scales, table_row, pos, end, scale, h, HKV: tl.constexpr, D: tl.constexpr,
+                 BS: tl.constexpr, PREC: tl.constexpr, KQ: tl.constexpr):
     """Scaled logits [BG, N] of queries qv [BG, D] at positions pos [N] (-inf from `end` on), their pool rows and
-    validity."""
+    validity. KQ: K is FP8, dequantised with its per-row scales k_scales."""
     valid = pos < end
     rows = _kv_rows(table_row, pos, valid, BS, HKV, h)
     d = tl.arange(0, D)
     kt = tl.load(k_cache + rows[:, None] * D + d[None, :], mask=valid[:, None], other=0.0)  # [N, D]
-    x = tl.dot(qv, tl.trans(kt), input_precision=PREC) * scale
+    if KQ:
+        ks = tl.load(k_scales + rows, mask=valid, other=0.0)  # [N]
+        x = tl.dot(qv, tl.trans(kt.to(qv.dtype)), input_precision=PREC) * (ks * scale)[None, :]
+    else:
+        x = tl.dot(qv, tl.trans(kt), input_precision=PREC) * scale
     return tl.where(valid[None, :], x, float("-inf")), rows, valid
 
 
@@ -108,9 +117,9 @@ def _merge_stats(m_in, l_in, bh, S, G: tl.constexpr, BG: tl.constexpr, SP: tl.co
 
 @triton.jit
 def _full_split_kernel(
-    q, k_cache, v_cache, block_tables, lengths, acc_out, m_out, l_out, scale, max_blocks, per_split,
-    HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BS: tl.constexpr, BG: tl.constexpr,
-    BLOCK_N: tl.constexpr, PREC: tl.constexpr,
+    q, k_cache, v_cache, k_scales, v_scales, block_tables, lengths, acc_out, m_out, l_out, scale, max_blocks,
+    per_split, HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BS: tl.constexpr, BG: tl.constexpr,
+    BLOCK_N: tl.constexpr, PREC: tl.constexpr, KQ: tl.constexpr, VQ: tl.constexpr,
 ):
     """Online-softmax attention of one KV head's G queries over one split: unnormalised acc [G, D], max, sum."""
     b, h, s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -124,13 +133,18 @@ def _full_split_kernel(
     acc = tl.zeros([BG, D], tl.float32)
     for t in range(start, end, BLOCK_N):  # every tile holds a valid token, so m stays finite after it
         pos = t + tl.arange(0, BLOCK_N)
-        x, rows, valid = _tile_logits(qv, k_cache, block_tables + b * max_blocks, pos, end, scale, h, HKV, D, BS, PREC)
+        x, rows, valid = _tile_logits(qv, k_cache, k_scales, block_tables + b * max_blocks, pos, end, scale, h, HKV, D,
+                                      BS, PREC, KQ)
         vt = tl.load(v_cache + rows[:, None] * D + d[None, :], mask=valid[:, None], other=0.0)
         m_new = tl.maximum(m, tl.max(x, 1))
         alpha = tl.exp(m - m_new)
         p = tl.exp(x - m_new[:, None])
         l = l * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision=PREC)
+        if VQ:  # each FP8 row's scale goes onto its weight
+            pv = p * tl.load(v_scales + rows, mask=valid, other=0.0)[None, :]
+            acc = acc * alpha[:, None] + tl.dot(pv.to(qv.dtype), vt.to(qv.dtype), input_precision=PREC)
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision=PREC)
         m = m_new
     g = tl.arange(0, BG)
     head = (b * HKV + h) * G + g  # [BG] query head index into [B, H]
@@ -155,9 +169,9 @@ def _full_reduce_kernel(acc_in, m_in, l_in, out, S, D: tl.constexpr, SP: tl.cons
 
 @triton.jit
 def _scores_kernel(
-    q, k_cache, block_tables, lengths, chunk_lse, m_out, l_out, scale, max_blocks, per_split, LC,
+    q, k_cache, k_scales, block_tables, lengths, chunk_lse, m_out, l_out, scale, max_blocks, per_split, LC,
     HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BS: tl.constexpr, BG: tl.constexpr,
-    BLOCK_N: tl.constexpr, C: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_N: tl.constexpr, C: tl.constexpr, PREC: tl.constexpr, KQ: tl.constexpr,
 ):
     """One KV head's G queries over one split: each chunk of C tokens' log-sum-exp of the scaled logits into
     chunk_lse [B, Hkv, G, LC] (-inf where no token is valid), plus the split's max / sum-exp."""
@@ -172,7 +186,8 @@ def _scores_kernel(
     l = tl.zeros([BG], tl.float32)
     for t in range(start, end, BLOCK_N):
         pos = t + tl.arange(0, BLOCK_N)
-        x, _, _ = _tile_logits(qv, k_cache, block_tables + b * max_blocks, pos, end, scale, h, HKV, D, BS, PREC)
+        x, _, _ = _tile_logits(qv, k_cache, k_scales, block_tables + b * max_blocks, pos, end, scale, h, HKV, D, BS,
+                               PREC, KQ)
         m_new = tl.maximum(m, tl.max(x, 1))
         p = tl.exp(x - m_new[:, None])  # [BG, BLOCK_N], shared by the split's sum and the chunks' sums
         l = l * tl.exp(m - m_new) + tl.sum(p, 1)
@@ -261,10 +276,10 @@ def _stage_kernel(keys, v_cache, block_tables, lengths, staged, max_blocks, n, H
 
 @triton.jit
 def _gather_kernel(
-    keys, q, k_cache, m_in, l_in, staged, block_tables, lengths, out, mass, rows_read, scale, max_blocks, S, n,
-    HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BS: tl.constexpr, BG: tl.constexpr, SP: tl.constexpr,
+    keys, q, k_cache, k_scales, m_in, l_in, staged, block_tables, lengths, out, mass, rows_read, scale, max_blocks,
+    S, n, HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BS: tl.constexpr, BG: tl.constexpr, SP: tl.constexpr,
     NP: tl.constexpr, C: tl.constexpr, TILE: tl.constexpr, GROUP: tl.constexpr, RENORM: tl.constexpr,
-    PREC: tl.constexpr,
+    PREC: tl.constexpr, KQ: tl.constexpr,
 ):
     """Weighted sum over one selection's chunks, their V rows staged on the device by _stage_kernel.
 
@@ -292,7 +307,7 @@ def _gather_kernel(
         key = tl.load(keys + (bh * tl.num_programs(2) + sel) * NP + j, mask=j < n, other=-1)
         chunk = key.to(tl.int32)  # truncation keeps the low 32 bits; -1 stays -1
         pos = tl.where(chunk >= 0, chunk * C + r % C, length)  # no chunk: a position past the sequence
-        x, _, valid = _tile_logits(qv, k_cache, table_row, pos, length, scale, h, HKV, D, BS, PREC)
+        x, _, valid = _tile_logits(qv, k_cache, k_scales, table_row, pos, length, scale, h, HKV, D, BS, PREC, KQ)
         w = tl.exp(tl.where(mine[:, None], x, float("-inf")) - top[:, None]) / z[:, None]  # [BG, TILE * C]
         v = tl.load(staged + (base + c0 * C + r)[:, None] * D + d[None, :], mask=valid[:, None], other=0.0)
         acc += tl.dot(w, v.to(tl.float32), input_precision="ieee")  # float32 like the reference
@@ -312,8 +327,14 @@ def _shapes(q: torch.Tensor, k_cache: torch.Tensor, block_tables: torch.Tensor):
     return B, H, D, bs, Hkv, H // Hkv, block_tables.shape[1] * bs
 
 
-def full_decode(q, k_cache, v_cache, block_tables, lengths, scale=None):
-    """Exact attention of one query per sequence over its paged cache: q [B, H, D] -> [B, H, D]."""
+def _scales_arg(scales: torch.Tensor | None, pool: torch.Tensor) -> torch.Tensor:
+    """The scales pool to pass a kernel; without one, the pool itself stands in (its flag keeps it unread)."""
+    return pool if scales is None else scales
+
+
+def full_decode(q, k_cache, v_cache, block_tables, lengths, scale=None, k_scales=None, v_scales=None):
+    """Exact attention of one query per sequence over its paged cache: q [B, H, D] -> [B, H, D]. FP8 pools come
+    with their scales pools."""
     B, H, D, bs, Hkv, G, L = _shapes(q, k_cache, block_tables)
     scale = scale if scale is not None else 1.0 / math.sqrt(D)
     S, per_split = _split(B, Hkv, L, q.device)
@@ -321,8 +342,9 @@ def full_decode(q, k_cache, v_cache, block_tables, lengths, scale=None):
     m = torch.empty(B, H, S, dtype=torch.float32, device=q.device)
     l = torch.empty_like(m)
     _full_split_kernel[(B, Hkv, S)](
-        q, k_cache, v_cache, block_tables, lengths, acc, m, l, scale, block_tables.shape[1], per_split,
-        HKV=Hkv, G=G, D=D, BS=bs, BG=_pad_rows(G), BLOCK_N=BLOCK_N, PREC=_dot_precision(q.dtype),
+        q, k_cache, v_cache, _scales_arg(k_scales, k_cache), _scales_arg(v_scales, v_cache), block_tables, lengths,
+        acc, m, l, scale, block_tables.shape[1], per_split, HKV=Hkv, G=G, D=D, BS=bs, BG=_pad_rows(G),
+        BLOCK_N=BLOCK_N, PREC=_dot_precision(q.dtype), KQ=k_scales is not None, VQ=v_scales is not None,
         num_warps=4, num_stages=3,
     )
     out = torch.empty_like(q)
@@ -330,9 +352,9 @@ def full_decode(q, k_cache, v_cache, block_tables, lengths, scale=None):
     return out
 
 
-def chunk_scores(q, k_cache, block_tables, lengths, chunk_tokens: int, scale: float):
-    """The K scan: chunk log-sum-exps [B, Hkv, G, L / c] float32 (written up to each length) and per-split stats
-    m, l [B, Hkv, G, S]."""
+def chunk_scores(q, k_cache, block_tables, lengths, chunk_tokens: int, scale: float, k_scales=None):
+    """The K scan (FP8 K with its scales pool k_scales, or not): chunk log-sum-exps [B, Hkv, G, L / c] float32
+    (written up to each length) and per-split stats m, l [B, Hkv, G, S]."""
     B, H, D, bs, Hkv, G, L = _shapes(q, k_cache, block_tables)
     S, per_split = _split(B, Hkv, L, q.device)
     LC = L // chunk_tokens
@@ -340,9 +362,9 @@ def chunk_scores(q, k_cache, block_tables, lengths, chunk_tokens: int, scale: fl
     m = torch.empty(B, Hkv, G, S, dtype=torch.float32, device=q.device)
     l = torch.empty_like(m)
     _scores_kernel[(B, Hkv, S)](
-        q, k_cache, block_tables, lengths, lse, m, l, scale, block_tables.shape[1], per_split, LC,
-        HKV=Hkv, G=G, D=D, BS=bs, BG=_pad_rows(G), BLOCK_N=BLOCK_N, C=chunk_tokens, PREC=_dot_precision(q.dtype),
-        num_warps=4, num_stages=3,
+        q, k_cache, _scales_arg(k_scales, k_cache), block_tables, lengths, lse, m, l, scale, block_tables.shape[1],
+        per_split, LC, HKV=Hkv, G=G, D=D, BS=bs, BG=_pad_rows(G), BLOCK_N=BLOCK_N, C=chunk_tokens,
+        PREC=_dot_precision(q.dtype), KQ=k_scales is not None, num_warps=4, num_stages=3,
     )
     return lse, m, l
 
@@ -370,7 +392,8 @@ def select_chunks(lse, m, l, lengths, cfg: KCacheConfig):
     return cand.view(B, Hkv, rows // (B * Hkv), NP)
 
 
-def gather_chunks(keys, q, k_cache, m, l, v_cache, block_tables, lengths, cfg: KCacheConfig, scale: float):
+def gather_chunks(keys, q, k_cache, m, l, v_cache, block_tables, lengths, cfg: KCacheConfig, scale: float,
+                  k_scales=None):
     """The weighted sums over the selected chunks -> (out [B, H, D], mass [B, H] float32, V rows read [B] int32)."""
     B, H, D, bs, Hkv, G, L = _shapes(q, k_cache, block_tables)
     nsel, NP = keys.shape[2], keys.shape[3]
@@ -386,24 +409,26 @@ def gather_chunks(keys, q, k_cache, m, l, v_cache, block_tables, lengths, cfg: K
     mass = torch.empty(B, H, dtype=torch.float32, device=q.device)
     rows = torch.empty(B, Hkv, nsel, dtype=torch.int32, device=q.device)
     _gather_kernel[(B, Hkv, nsel)](
-        keys, q, k_cache, m, l, staged, block_tables, lengths, out, mass, rows, scale, block_tables.shape[1],
-        m.shape[-1], n, HKV=Hkv, G=G, D=D, BS=bs, BG=_pad_rows(G), SP=triton.next_power_of_2(m.shape[-1]),
-        NP=NP, C=c, TILE=max(1, min(NP, GATHER_ROWS // c)), GROUP=cfg.selection == "group", RENORM=cfg.renormalize,
-        PREC=_dot_precision(q.dtype), num_warps=4,
+        keys, q, k_cache, _scales_arg(k_scales, k_cache), m, l, staged, block_tables, lengths, out, mass, rows, scale,
+        block_tables.shape[1], m.shape[-1], n, HKV=Hkv, G=G, D=D, BS=bs, BG=_pad_rows(G),
+        SP=triton.next_power_of_2(m.shape[-1]), NP=NP, C=c, TILE=max(1, min(NP, GATHER_ROWS // c)),
+        GROUP=cfg.selection == "group", RENORM=cfg.renormalize, PREC=_dot_precision(q.dtype), KQ=k_scales is not None,
+        num_warps=4,
     )
     return out, mass, rows.sum((1, 2), dtype=torch.int32)
 
 
-def kcache_decode(q, k_cache, v_cache, block_tables, lengths, cfg: KCacheConfig, scale=None):
+def kcache_decode(q, k_cache, v_cache, block_tables, lengths, cfg: KCacheConfig, scale=None, k_scales=None):
     """KCache decode over paged pools: q [B, H, D] -> (out [B, H, D], mass_kept [B, H] float32, V rows read [B]).
 
-    k_cache lives on the GPU; v_cache may be a pinned (or cudaHostRegister-ed) CPU tensor, read in place.
+    k_cache lives on the GPU (FP8 with its scales pool k_scales, or not); v_cache may be a pinned (or
+    cudaHostRegister-ed) CPU tensor, read in place.
     """
     D = q.shape[-1]
     scale = scale if scale is not None else 1.0 / math.sqrt(D)
-    lse, m, l = chunk_scores(q, k_cache, block_tables, lengths, cfg.chunk_tokens, scale)
+    lse, m, l = chunk_scores(q, k_cache, block_tables, lengths, cfg.chunk_tokens, scale, k_scales)
     keys = select_chunks(lse, m, l, lengths, cfg)
-    return gather_chunks(keys, q, k_cache, m, l, v_cache, block_tables, lengths, cfg, scale)
+    return gather_chunks(keys, q, k_cache, m, l, v_cache, block_tables, lengths, cfg, scale, k_scales)
 
 
 @triton.jit
@@ -425,6 +450,8 @@ def _copy_rows_kernel(pool, rows, slots, n, HKV: tl.constexpr, D: tl.constexpr, 
 
 
 def _copy_rows(pool: torch.Tensor, rows: torch.Tensor, slots: torch.Tensor, to_pool: bool) -> None:
+    if pool.dtype == torch.float8_e4m3fn:  # a copy moves bytes: as uint8, which every Triton (and its interpreter) has
+        pool, rows = pool.view(torch.uint8), rows.view(torch.uint8)
     _, Hkv, bs, D = pool.shape
     T, BR = rows.shape[0], 16
     if T:

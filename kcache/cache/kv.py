@@ -6,10 +6,17 @@ KCache keeps V of the first `dense_layers` layers on the device and the rest in 
 layout (block ids are shared), registered with CUDA once so kernels read it in place, a chunk of consecutive
 tokens of one head at a time. The model calls `attend(layer, q, k, v, batch)`; the cache stores the new K and V,
 then runs exact prefill or (approximate, for KCache) decode attention.
+
+With `kv_cache_dtype="fp8"` K is stored as float8 e4m3 rows with a float32 scale per (token, KV head), in a scales
+pool of the same layout (head_dim 1; kcache.attention.reference): a decode step appends a token's rows and scales
+without re-quantising its block. FullKV stores V the same way (the FP8 KV cache users already run); KCache keeps
+its host V in the model's dtype. Prefill attends with the exact K/V its chunk computed and the dequantised K/V of
+the earlier chunks (what the cache holds); decode and teacher-forced rows read everything back from the cache.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
@@ -49,6 +56,40 @@ def host_empty(shape, dtype, device: torch.device) -> torch.Tensor:
     return t
 
 
+SCALE_BYTES = 4  # one float32 scale per FP8 row (token, KV head)
+
+
+class KVCacheDtypeError(ValueError):
+    """kv_cache_dtype='fp8' asked for where FP8 pools cannot run."""
+
+
+def check_fp8(device: torch.device) -> None:
+    """Raise KVCacheDtypeError unless FP8 pools and the kernels reading them run on `device`."""
+    if device.type == "cuda":
+        if torch.version.hip:
+            raise KVCacheDtypeError("kv_cache_dtype='fp8' stores NVIDIA's float8 e4m3fn, which ROCm GPUs do not "
+                                    "convert natively: use kv_cache_dtype='auto'")
+        major, minor = torch.cuda.get_device_capability(device)
+        if (major, minor) < (8, 9):  # Triton converts float8e4nv from sm_89 (Ada, Hopper) on
+            raise KVCacheDtypeError(
+                f"kv_cache_dtype='fp8' needs a GPU that converts float8 e4m3 (compute capability 8.9 or newer: Ada, "
+                f"Hopper, Blackwell); {torch.cuda.get_device_name(device)} has {major}.{minor}: use kv_cache_dtype='auto'")
+    try:
+        torch.ones(2, device=device).to(reference.FP8).float()
+    except (RuntimeError, TypeError) as e:
+        raise KVCacheDtypeError(f"this PyTorch cannot store float8 e4m3 on {device} ({e}): use kv_cache_dtype='auto'") from None
+
+
+@dataclass(frozen=True)
+class LayerPools:
+    """One layer's pools, [blocks, Hkv, bs, D], and the scales pools [blocks, Hkv, bs, 1] of those that are FP8."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+    k_scales: torch.Tensor | None
+    v_scales: torch.Tensor | None
+
+
 @dataclass(frozen=True)
 class CacheSpec:
     """Bytes one cached token takes in each pool, over all layers: what sizes the pools and what the caches hold."""
@@ -63,14 +104,17 @@ class CacheSpec:
         return self.host_bytes_per_token * block_size
 
 
-def cache_spec(model: ModelConfig, dtype: torch.dtype, dense_layers: int | None) -> CacheSpec:
+def cache_spec(model: ModelConfig, dtype: torch.dtype, dense_layers: int | None,
+               kv_cache_dtype: Literal["auto", "fp8"] = "auto") -> CacheSpec:
     """The spec of a cache for `model` (under TP one rank's shard). K of every layer is on the device; so is V of
-    every layer for FullKV (dense_layers None), and of the first `dense_layers` layers only for KCache."""
-    row = model.num_kv_heads * model.head_dim * torch.empty((), dtype=dtype).element_size()  # one token, one layer
+    every layer for FullKV (dense_layers None), and of the first `dense_layers` layers only for KCache. FP8 rows take
+    one byte per element plus their scale; FullKV's V is stored as its K is, KCache's V (host or dense) as `dtype`."""
+    plain = model.num_kv_heads * model.head_dim * torch.empty((), dtype=dtype).element_size()  # one token, one layer
+    k_row = model.num_kv_heads * (model.head_dim + SCALE_BYTES) if kv_cache_dtype == "fp8" else plain
     if dense_layers is None:
-        return CacheSpec(2 * model.num_layers * row, 0)
+        return CacheSpec(2 * model.num_layers * k_row, 0)
     dense = min(dense_layers, model.num_layers)
-    return CacheSpec((model.num_layers + dense) * row, (model.num_layers - dense) * row)
+    return CacheSpec(model.num_layers * k_row + dense * plain, (model.num_layers - dense) * plain)
 
 
 class PagedKVCache:
@@ -81,12 +125,21 @@ class PagedKVCache:
     nothing was approximated), `exact_layers`, `use(kcfg)`, `device_bytes()`, `host_bytes()`, `close()`.
     """
 
-    def __init__(self, cfg: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device):
+    def __init__(self, cfg: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device,
+                 kv_cache_dtype: Literal["auto", "fp8"] = "auto"):
         self.cfg, self.num_blocks, self.block_size = cfg, num_blocks, block_size
         self.dtype, self.device = dtype, torch.device(device)
+        self.fp8 = kv_cache_dtype == "fp8"
+        if self.fp8:
+            check_fp8(self.device)
         self.ops = decode_ops(self.device)
         shape = (cfg.num_layers, num_blocks, cfg.num_kv_heads, block_size, cfg.head_dim)
-        self.k = torch.empty(shape, dtype=dtype, device=self.device)
+        self.k = torch.empty(shape, dtype=reference.FP8 if self.fp8 else dtype, device=self.device)
+        self.k_scales = self._scales_pool(cfg.num_layers) if self.fp8 else None
+
+    def _scales_pool(self, layers: int) -> torch.Tensor:
+        """[layers, blocks, Hkv, bs, 1] float32: one scale per FP8 row."""
+        return torch.empty(layers, *self.k.shape[1:-1], 1, dtype=torch.float32, device=self.device)
 
     @property
     def num_tokens(self) -> int:
@@ -94,6 +147,11 @@ class PagedKVCache:
 
     def v_layer(self, layer: int) -> torch.Tensor:
         raise NotImplementedError
+
+    def pools(self, layer: int) -> LayerPools:
+        """The layer's pools; V's scales where V is FP8 (FullKV only)."""
+        return LayerPools(self.k[layer], self.v_layer(layer), None if self.k_scales is None else self.k_scales[layer],
+                          None)
 
     def close(self) -> None:
         """Give back what the pools hold outside PyTorch's allocators (nothing, unless a subclass registers)."""
@@ -125,24 +183,37 @@ class PagedKVCache:
 
     def attend(self, layer: int, q, k, v, batch: StepBatch) -> torch.Tensor:
         """Store this step's K/V [T, Hkv, D], then attend: q [T, H, D] -> [T, H, D]."""
-        kc, vc = self.k[layer], self.v_layer(layer)
-        self.ops.store_rows(kc, k, batch.slot_mapping)
-        self.ops.store_rows(vc, v, batch.slot_mapping)  # on a GPU into the host pool in place: graph-capturable
+        pools = self.pools(layer)
+        self._store(pools.k, pools.k_scales, k, batch.slot_mapping)
+        self._store(pools.v, pools.v_scales, v, batch.slot_mapping)  # on a GPU into the host pool in place: graph-capturable
         if batch.is_prefill:
-            return self._prefill(q, k, v, kc, vc, batch)
+            return self._prefill(q, k, v, pools, batch)
         if batch.shared_table:
-            return self._score(layer, q, kc, vc, batch)
-        return self._decode(layer, q, kc, vc, batch)
+            return self._score(layer, q, pools, batch)
+        return self._decode(layer, q, pools, batch)
 
-    def _prefill(self, q, k, v, kc, vc, batch: StepBatch) -> torch.Tensor:
-        """Exact attention per sequence over its cached prefix and this chunk."""
+    def _store(self, pool: torch.Tensor, scales: torch.Tensor | None, rows: torch.Tensor, slots: torch.Tensor) -> None:
+        """rows [T, Hkv, D] into their slots [T] of the pool, quantised where the pool is FP8 (scales given)."""
+        if scales is not None:
+            rows, row_scales = reference.quantize(rows)  # [T, Hkv, D] e4m3, [T, Hkv, 1]
+            self.ops.store_rows(scales, row_scales, slots)
+        self.ops.store_rows(pool, rows, slots)
+
+    def _rows(self, pool: torch.Tensor, scales: torch.Tensor | None, slots: torch.Tensor, dtype: torch.dtype):
+        """The rows [T, Hkv, D] at slots [T] of a pool anywhere, dequantised in dtype where the pool is FP8."""
+        rows = self.ops.load_rows(pool, slots)
+        return rows if scales is None else reference.dequantize(rows, self.ops.load_rows(scales, slots), dtype)
+
+    def _prefill(self, q, k, v, pools: LayerPools, batch: StepBatch) -> torch.Tensor:
+        """Exact attention per sequence over its cached prefix (as stored: dequantised where FP8) and this chunk
+        (the K/V it computed)."""
         out = torch.empty_like(q)
         for i, (s, n, ctx) in enumerate(zip(batch.chunk_starts, batch.chunk_lens, batch.context_lens)):
             ks, vs = k[s:s + n], v[s:s + n]
             if ctx:  # earlier chunks: K from the device pool, V read back from wherever it lives
                 slots, _ = reference.token_slots(batch.block_tables[i:i + 1], batch.lengths[i:i + 1] - n, self.block_size, ctx)
-                ks = torch.cat([reference.rows_at(kc, slots[0]), ks])
-                vs = torch.cat([self.ops.load_rows(vc, slots[0]), vs])
+                ks = torch.cat([self._rows(pools.k, pools.k_scales, slots[0], q.dtype), ks])
+                vs = torch.cat([self._rows(pools.v, pools.v_scales, slots[0], q.dtype), vs])
             out[s:s + n] = reference.prefill_attention(q[s:s + n], ks, vs, ctx)
         return out
 
@@ -150,44 +221,51 @@ class PagedKVCache:
         """Slots [1, L] of the one sequence of a teacher-forced batch."""
         return reference.token_slots(batch.block_tables[:1], batch.lengths[-1:], self.block_size)[0]
 
-    def _exact_score(self, q, kc, vc, batch: StepBatch) -> torch.Tensor:
+    def _exact_score(self, q, pools: LayerPools, batch: StepBatch) -> torch.Tensor:
         """Teacher-forced rows with exact attention: causal attention of the rows over the sequence."""
         slots = self._sequence_slots(batch)[0]
-        k = reference.rows_at(kc, slots)
-        return reference.prefill_attention(q, k, self.ops.load_rows(vc, slots), k.shape[0] - q.shape[0])
+        k = self._rows(pools.k, pools.k_scales, slots, q.dtype)
+        v = self._rows(pools.v, pools.v_scales, slots, q.dtype)
+        return reference.prefill_attention(q, k, v, k.shape[0] - q.shape[0])
 
-    def _score(self, layer, q, kc, vc, batch):
-        return self._exact_score(q, kc, vc, batch)
+    def _score(self, layer, q, pools: LayerPools, batch):
+        return self._exact_score(q, pools, batch)
 
-    def _decode(self, layer, q, kc, vc, batch):
+    def _decode(self, layer, q, pools: LayerPools, batch):
         raise NotImplementedError
 
 
 class FullKV(PagedKVCache):
     """The ordinary KV cache: K and V on the model's device."""
 
-    def __init__(self, cfg, num_blocks, block_size, dtype, device):
-        super().__init__(cfg, num_blocks, block_size, dtype, device)
-        self.v = torch.empty_like(self.k)
-        self.spec = cache_spec(cfg, dtype, None)
+    def __init__(self, cfg, num_blocks, block_size, dtype, device, kv_cache_dtype="auto"):
+        super().__init__(cfg, num_blocks, block_size, dtype, device, kv_cache_dtype)
+        self.v = torch.empty_like(self.k)  # FP8 like K where K is
+        self.v_scales = self._scales_pool(cfg.num_layers) if self.fp8 else None
+        self.spec = cache_spec(cfg, dtype, None, kv_cache_dtype)
 
     def v_layer(self, layer):
         return self.v[layer]
 
-    def _decode(self, layer, q, kc, vc, batch):
-        return self.ops.full_decode(q, kc, vc, batch.block_tables, batch.lengths)
+    def pools(self, layer):
+        k = super().pools(layer)
+        return LayerPools(k.k, k.v, k.k_scales, None if self.v_scales is None else self.v_scales[layer])
+
+    def _decode(self, layer, q, pools: LayerPools, batch):
+        return self.ops.full_decode(q, pools.k, pools.v, batch.block_tables, batch.lengths, k_scales=pools.k_scales,
+                                    v_scales=pools.v_scales)
 
 
 class KCache(PagedKVCache):
     """K on the device; V in host memory except for the first `dense_layers` layers; top-N decode.
     """
 
-    def __init__(self, cfg, num_blocks, block_size, dtype, device, kcfg: KCacheConfig):
-        super().__init__(cfg, num_blocks, block_size, dtype, device)
+    def __init__(self, cfg, num_blocks, block_size, dtype, device, kcfg: KCacheConfig, kv_cache_dtype="auto"):
+        super().__init__(cfg, num_blocks, block_size, dtype, device, kv_cache_dtype)
         kcfg.check_block_size(block_size)
         self.kcfg = kcfg  # replaced only through use()
         self.dense = min(kcfg.dense_layers, cfg.num_layers)  # layers whose V pool is on the device
-        self.spec = cache_spec(cfg, dtype, kcfg.dense_layers)
+        self.spec = cache_spec(cfg, dtype, kcfg.dense_layers, kv_cache_dtype)
         shape = self.k.shape[1:]
         self.v_dense = torch.empty((self.dense, *shape), dtype=dtype, device=self.device)
         self.v_host = host_empty((cfg.num_layers - self.dense, *shape), dtype, self.device)
@@ -249,11 +327,12 @@ class KCache(PagedKVCache):
     def _exact(self, layer: int) -> bool:
         return layer < self.exact_layers
 
-    def _decode(self, layer, q, kc, vc, batch):
+    def _decode(self, layer, q, pools: LayerPools, batch):
         if self._exact(layer):
-            return self.ops.full_decode(q, kc, vc, batch.block_tables, batch.lengths)
+            return self.ops.full_decode(q, pools.k, pools.v, batch.block_tables, batch.lengths, k_scales=pools.k_scales)
         ops = reference if self.kcfg.selection == "random" else self.ops  # the baseline has no kernel
-        out, mass, rows = ops.kcache_decode(q, kc, vc, batch.block_tables, batch.lengths, self.kcfg)
+        out, mass, rows = ops.kcache_decode(q, pools.k, pools.v, batch.block_tables, batch.lengths, self.kcfg,
+                                            k_scales=pools.k_scales)
         self._record(layer, mass, rows)
         return out
 
@@ -263,18 +342,20 @@ class KCache(PagedKVCache):
             self.mass[layer].copy_(mass)
             self.rows[layer].copy_(rows)
 
-    def _score(self, layer, q, kc, vc, batch):
+    def _score(self, layer, q, pools: LayerPools, batch):
         if self._exact(layer):
-            return self._exact_score(q, kc, vc, batch)
+            return self._exact_score(q, pools, batch)
         if self.ops is not reference and self.kcfg.selection != "random":  # the kernel the decode steps run
             tables = batch.block_tables[:1].expand(q.shape[0], -1).contiguous()
-            out, mass, rows = self.ops.kcache_decode(q, kc, vc, tables, batch.lengths, self.kcfg)
+            out, mass, rows = self.ops.kcache_decode(q, pools.k, pools.v, tables, batch.lengths, self.kcfg,
+                                                     k_scales=pools.k_scales)
             self._record(layer, mass, rows)
             return out
         slots = self._sequence_slots(batch)  # [1, L]
-        k = reference.rows_at(kc, slots).transpose(1, 2)  # [1, Hkv, L, D]: one copy of K for every row
+        # [1, Hkv, L, D]: one copy of K for every row, float32 as the scores are
+        k = reference.read_rows(pools.k, slots, pools.k_scales, torch.float32).transpose(1, 2)
         valid = torch.arange(slots.shape[1], device=q.device)[None, :] < batch.lengths[:, None]  # [T, L]
-        read_v = reference.pool_v_reader(vc, slots, q.device)
+        read_v = reference.pool_v_reader(pools.v, slots, q.device)
         out, mass, rows = reference.kcache_attend(q, k, valid, batch.lengths, read_v, self.kcfg)
         self._record(layer, mass, rows)
         return out
@@ -283,4 +364,6 @@ class KCache(PagedKVCache):
 def make_cache(cfg: EngineConfig, model: ModelConfig, num_blocks: int, dtype: torch.dtype, device: torch.device) -> PagedKVCache:
     """The cache `cfg.cache` names, for `model` (one rank's shard under TP: its KV heads only)."""
     args = (model, num_blocks, cfg.block_size, dtype, device)
-    return FullKV(*args) if cfg.cache == "full" else KCache(*args, cfg.kcache)
+    if cfg.cache == "full":
+        return FullKV(*args, kv_cache_dtype=cfg.kv_cache_dtype)
+    return KCache(*args, cfg.kcache, kv_cache_dtype=cfg.kv_cache_dtype)

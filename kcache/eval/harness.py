@@ -5,6 +5,7 @@ setting (`cache.use`), rewinds the sequences to their prompts (`Sequence.rewind`
 overwriting the K/V rows that the previous method's tokens left past the prompt. On a 2-core CPU this is what
 makes a sweep of dozens of methods affordable (a long prefill costs minutes; a decode step a fraction of a
 second). Sequences of one call are decoded as one batch, so a step's weights are read once for all of them.
+A FullKV engine serves the full cache only (the FP8 FullKV, whose V differs from KCache's).
 Teacher-forced scoring is kcache.engine.scoring, the path `LLM.score` uses too.
 """
 from __future__ import annotations
@@ -21,12 +22,18 @@ from kcache.engine.sequence import Sequence
 
 class Harness:
     def __init__(self, engine: LLMEngine):
-        if engine.cfg.cache != "kcache":
-            raise ValueError("the evaluation needs an engine with cache='kcache' (the full cache is one of its settings)")
         if engine.runner.graphs:
             raise ValueError("the evaluation needs enforce_eager=True: a CUDA graph replays the setting it was captured with")
         self.engine, self.cache, self.runner = engine, engine.cache, engine.runner
         self.num_layers = engine.model_config.num_layers
+        self.full_only = engine.cfg.cache == "full"
+
+    def _use(self, cfg: KCacheConfig) -> None:
+        """Decode with cfg from now on: KCache switches its setting; FullKV runs only the full cache."""
+        if not self.full_only:
+            self.cache.use(cfg)
+        elif cfg.dense_layers < self.num_layers:
+            raise ValueError("a FullKV engine decodes only the full cache: KCache settings need cache='kcache'")
 
     @contextmanager
     def prefilled(self, prompts: list[list[int]]):
@@ -46,7 +53,7 @@ class Harness:
                max_new: int) -> tuple[list[list[int]], list[float]]:
         """Greedy continuations (at most max_new tokens, up to EOS) under `cfg`, each starting with the prompt's
         exact first token; and each one's mean attention mass kept over its decode steps."""
-        self.cache.use(cfg)
+        self._use(cfg)
         for s, p, t in zip(seqs, prompts, first):
             s.rewind(len(p))
             s.token_ids.append(t)
@@ -70,7 +77,7 @@ class Harness:
               chunk: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
         """Teacher forcing from a sequence prefilled with ids[:prefix_len]: every later token attends as a decode
         step would under `cfg`. Returns (logits [n, V] predicting ids[prefix_len + 1:], mass kept [n])."""
-        self.cache.use(cfg)
+        self._use(cfg)
         seq.rewind(prefix_len)
         seq.token_ids.extend(ids[prefix_len:])
         self._grow(seq)

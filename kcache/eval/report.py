@@ -111,11 +111,11 @@ def markdown(results: dict) -> str:
               f"Same items answered as the full cache (every item it solves), perplexity within "
               f"{(TARGET_PPL_RATIO - 1) * 100:.0f}% and top-1 agreement >= {TARGET_TOP1:.0%} at every prefix.", ""]
     rows = []
-    for name, m in methods.items():
-        if m["kcache"] is not None:
-            t = m["targets"]
-            rows.append([f"`{name}`", _budget(m), m["v_rows"], _check(t["same_items_as_full"]),
-                         _check(t["ppl_within_1pct"]), _check(t["top1_at_least_98pct"]), _check(t["met"])])
+    for name, m in list(methods.items())[1:]:  # all but the reference, the first
+        t = m["targets"]
+        rows.append([f"`{name}`", _budget(m), _budget(m) if m["v_rows"] is None else m["v_rows"],
+                     _check(t["same_items_as_full"]),
+                     _check(t["ppl_within_1pct"]), _check(t["top1_at_least_98pct"]), _check(t["met"])])
     lines += _table(["method", "N", "V rows", "same items", "perplexity", "top-1", "all met"], rows) + [""]
     best = results["recommended"]
     lines.append(f"Cheapest setting meeting every target: `{best}`." if best else
@@ -200,9 +200,10 @@ def _curves(plt, results: dict, panels: list[str], value, ylabel: str, path: Pat
     fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels) + 1.6, 3.6), squeeze=False)
     for ax, panel in zip(axes[0], panels):
         for i, (family, ms) in enumerate(families.items()):
-            if family == "full":
-                if show_full:
-                    ax.axhline(value(ms[0], panel), color="black", linestyle="--", linewidth=1, label="full")
+            if ms[0]["budget"] is None:  # a full cache: a level, not a curve over N
+                if show_full or family != "full":
+                    ax.axhline(value(ms[0], panel), color="black" if family == "full" else f"C{i}",
+                               linestyle="--" if family == "full" else "-.", linewidth=1, label=family)
                 continue
             ms = sorted(ms, key=lambda m: m["budget"])
             ax.plot([m["budget"] for m in ms], [value(m, panel) for m in ms], marker="osD^v<>"[i % 7], markersize=4,

@@ -7,7 +7,8 @@
 
 Settings come from the defaults, then --quick's small grid, then --config's YAML, then the flags given. The
 resolved settings are written to OUT/config.yaml, which --config reads back to rerun. Each prompt is prefilled
-once (exactly) and every method decodes from that cache (kcache.eval.harness). Outputs: config.yaml,
+once (exactly) per engine and every method decodes from its engine's cache (kcache.eval.harness): one engine for
+the methods in the model's dtype, one per other storage (`kv_cache_dtype=fp8`: KCache with FP8 K; the FP8 FullKV). Outputs: config.yaml,
 predictions.jsonl (one line per item and method), results.json, results.md and PNG plots.
 """
 from __future__ import annotations
@@ -126,13 +127,19 @@ def resolve(args) -> dict:
 
 
 def methods_from(specs: list[str]) -> list[Method]:
-    """Parsed methods, duplicates dropped, the full cache first (every comparison is against it)."""
+    """Parsed methods, duplicates dropped, the full cache in the model's dtype first (every comparison is against
+    it)."""
     try:
         methods = [parse_method(s) for s in dict.fromkeys(s.strip() for s in specs)]
     except ValueError as e:
         raise CLIError(str(e)) from None
-    full = [m for m in methods if m.kcache is None] or [parse_method("full")]
-    return full[:1] + [m for m in methods if m.kcache is not None]
+    reference = next((m for m in methods if m.kcache is None and m.kv_cache_dtype == "auto"), parse_method("full"))
+    return [reference] + [m for m in methods if m is not reference]
+
+
+def by_engine(harnesses: dict, methods: list[Method]):
+    """(harness, its methods) per engine, the reference's engine first."""
+    return [(h, [m for m in methods if m.engine == key]) for key, h in harnesses.items()]
 
 
 # ---- running -----------------------------------------------------------------------------------------------
@@ -171,37 +178,45 @@ def _batches(items: list, pool_tokens: int):
         yield batch
 
 
-def run_tasks(harness, items: list, methods: list[Method], seed: int, bar, sink) -> list[dict]:
-    """Every method on every item, each batch of items prefilled once; one record per (item, method)."""
+def run_tasks(harnesses: dict, items: list, methods: list[Method], seed: int, bar, sink) -> list[dict]:
+    """Every method on every item, each batch of items prefilled once per engine; one record per (item, method)."""
     import torch
 
+    eng, records = next(iter(harnesses.values())).engine, []
+    pool = min(h.engine.blocks.num_free * h.engine.blocks.block_size for h in harnesses.values())
+    for batch in _batches(items, pool):
+        prompts = [eng.encode(item.prompt) for _, _, item in batch]
+        max_new = max(item.max_new_tokens for _, _, item in batch)
+        reference = None
+        for harness, group in by_engine(harnesses, methods):
+            bar.set_postfix_str(f"prefill {len(batch)} x {batch[0][2].length} tokens")
+            with harness.prefilled(prompts) as (seqs, logits):
+                first = logits.argmax(-1).tolist()
+                for m in group:
+                    bar.set_postfix_str(m.name)
+                    torch.manual_seed(seed)  # the random baseline draws the same tokens on every rerun
+                    outs, mass = harness.greedy(seqs, prompts, first, m.config(harness.num_layers), max_new)
+                    if reference is None:  # the full cache comes first
+                        reference = outs
+                    records += _task_records(eng.tokenizer, batch, prompts, m, outs, mass, reference, sink)
+                    bar.update(len(batch))
+    return records
+
+
+def _task_records(tokenizer, batch, prompts, m: Method, outs, mass, reference, sink) -> list[dict]:
+    """One record per item of the batch for method m, each also written to sink."""
     from kcache.eval.metrics import greedy_agreement
     from kcache.eval.tasks import answer_correct
 
-    eng, records = harness.engine, []
-    for batch in _batches(items, eng.blocks.num_free * eng.blocks.block_size):
-        prompts = [eng.encode(item.prompt) for _, _, item in batch]
-        max_new = max(item.max_new_tokens for _, _, item in batch)
-        bar.set_postfix_str(f"prefill {len(batch)} x {batch[0][2].length} tokens")
-        with harness.prefilled(prompts) as (seqs, logits):
-            first = logits.argmax(-1).tolist()
-            reference = None
-            for m in methods:
-                bar.set_postfix_str(m.name)
-                torch.manual_seed(seed)  # the random baseline draws the same tokens on every rerun
-                outs, mass = harness.greedy(seqs, prompts, first, m.config(harness.num_layers), max_new)
-                if reference is None:  # the full cache comes first
-                    reference = outs
-                for (task, sample, item), prompt, toks, kept, ref in zip(batch, prompts, outs, mass, reference):
-                    text = eng.tokenizer.decode(toks, skip_special_tokens=True)
-                    rec = dict(task=task, length=item.length, depth=item.depth, sample=sample, n_tokens=len(prompt),
-                               method=m.name, answer=item.answer, prediction=text,
-                               correct=answer_correct(text, item.answer), mass_kept=round(kept, 5),
-                               first_diff_vs_full=greedy_agreement(toks, ref)[0])
-                    sink.write(json.dumps(rec) + "\n")
-                    records.append(rec)
-                sink.flush()
-                bar.update(len(batch))
+    records = []
+    for (task, sample, item), prompt, toks, kept, ref in zip(batch, prompts, outs, mass, reference):
+        text = tokenizer.decode(toks, skip_special_tokens=True)
+        rec = dict(task=task, length=item.length, depth=item.depth, sample=sample, n_tokens=len(prompt),
+                   method=m.name, answer=item.answer, prediction=text, correct=answer_correct(text, item.answer),
+                   mass_kept=round(kept, 5), first_diff_vs_full=greedy_agreement(toks, ref)[0])
+        sink.write(json.dumps(rec) + "\n")
+        records.append(rec)
+    sink.flush()
     return records
 
 
@@ -214,14 +229,14 @@ def text_ids(tokenizer, source: str, need: int) -> list[int]:
     return ids[:need]
 
 
-def run_fidelity(harness, s: dict, methods: list[Method], bar) -> dict:
+def run_fidelity(harnesses: dict, s: dict, methods: list[Method], bar) -> dict:
     """{prefix: {method: metrics}}: teacher-forced perplexity, top-1 agreement, KL and mass kept against the full
     cache over ppl_tokens tokens after each prefix, and free-running greedy agreement over greedy_tokens."""
     import torch
 
     from kcache.eval.metrics import greedy_agreement, mean_kl, perplexity, top1_agreement
 
-    eng, n, out = harness.engine, s["ppl_tokens"], {}
+    eng, n, out = next(iter(harnesses.values())).engine, s["ppl_tokens"], {}
     longest = max(p + max(n + 1, s["greedy_tokens"]) for p in s["ppl_prefix"])
     if longest > eng.max_model_len:
         raise CLIError(f"ppl_prefix + ppl_tokens needs {longest} tokens; the context is {eng.max_model_len}")
@@ -230,23 +245,24 @@ def run_fidelity(harness, s: dict, methods: list[Method], bar) -> dict:
         ids = all_ids[:prefix + n + 1]
         targets = torch.tensor(ids[prefix + 1:])
         rows, ref = {}, None
-        with harness.prefilled([ids[:prefix]]) as (seqs, logits):
-            first = [int(logits[0].argmax())]
-            for m in methods:
-                torch.manual_seed(s["seed"])
-                cfg = m.config(harness.num_layers)
-                scored, mass = harness.score(seqs[0], ids, prefix, cfg)
-                cont = harness.greedy(seqs, [ids[:prefix]], first, cfg, s["greedy_tokens"])[0][0]
-                ppl = perplexity(scored, targets)
-                if ref is None:  # the full cache comes first
-                    ref = dict(logits=scored, cont=cont, ppl=ppl)
-                diff, share = greedy_agreement(cont, ref["cont"]) if s["greedy_tokens"] else (None, None)
-                rows[m.name] = dict(perplexity=ppl, ppl_ratio=ppl / ref["ppl"],
-                                    top1_agreement=top1_agreement(scored, ref["logits"]),
-                                    mean_kl=mean_kl(ref["logits"], scored), mass_kept=mass.double().mean().item(),
-                                    greedy_first_diff=diff, greedy_agreement=share)
-                bar.update(1)
-        out[str(prefix)] = rows
+        for harness, group in by_engine(harnesses, methods):
+            with harness.prefilled([ids[:prefix]]) as (seqs, logits):
+                first = [int(logits[0].argmax())]
+                for m in group:
+                    torch.manual_seed(s["seed"])
+                    cfg = m.config(harness.num_layers)
+                    scored, mass = harness.score(seqs[0], ids, prefix, cfg)
+                    cont = harness.greedy(seqs, [ids[:prefix]], first, cfg, s["greedy_tokens"])[0][0]
+                    ppl = perplexity(scored, targets)
+                    if ref is None:  # the full cache comes first
+                        ref = dict(logits=scored, cont=cont, ppl=ppl)
+                    diff, share = greedy_agreement(cont, ref["cont"]) if s["greedy_tokens"] else (None, None)
+                    rows[m.name] = dict(perplexity=ppl, ppl_ratio=ppl / ref["ppl"],
+                                        top1_agreement=top1_agreement(scored, ref["logits"]),
+                                        mean_kl=mean_kl(ref["logits"], scored), mass_kept=mass.double().mean().item(),
+                                        greedy_first_diff=diff, greedy_agreement=share)
+                    bar.update(1)
+        out[str(prefix)] = {m.name: rows[m.name] for m in methods}  # in the methods' order
     return out
 
 
@@ -261,7 +277,7 @@ def summarize_run(s: dict, methods: list[Method], records: list[dict], fidelity:
         cfg = m.kcache
         per_kv_head = None if cfg is None else cfg.budget * (group if cfg.selection == "head" else 1)
         fid = {p: rows[m.name] for p, rows in fidelity.items()} if fidelity else None
-        out[m.name] = dict(family=m.family, budget=m.budget, v_rows=per_kv_head,
+        out[m.name] = dict(family=m.family, budget=m.budget, v_rows=per_kv_head, kv_cache_dtype=m.kv_cache_dtype,
                            kcache=None if cfg is None else cfg.model_dump(), tasks=tasks.get(m.name, {}),
                            fidelity=fid or {}, targets=report.targets(tasks.get(m.name) if records else None, fid))
     return dict(settings=s, device=device, seconds=seconds, methods=out, recommended=report.recommend(out))
@@ -279,23 +295,28 @@ def run(args) -> int:
     s = resolve(args)
     methods = methods_from(s["methods"])
     s["methods"] = [m.name for m in methods]
-    # V of every layer goes to the host pool; each method then sets cache.kcfg (the full cache: all layers exact).
-    # Eager decode: a CUDA graph would replay the setting it was captured with, whatever cache.kcfg says.
-    llm = LLM(s["model"], cache=KCacheConfig(), dtype=s["dtype"], device=s["device"], max_model_len=s["max_model_len"],
-              seed=s["seed"], enforce_eager=True)
-    if llm.tokenizer is None:
+    # One engine per (cache, kv_cache_dtype) the methods need, the reference's first. KCache's keeps V of every layer
+    # in the host pool; each method then sets cache.kcfg (the full cache: all layers exact). Eager decode: a CUDA
+    # graph would replay the setting it was captured with, whatever cache.kcfg says.
+    harnesses = {}
+    for cache, kv_cache_dtype in dict.fromkeys(m.engine for m in methods):
+        llm = LLM(s["model"], cache=KCacheConfig() if cache == "kcache" else cache, dtype=s["dtype"],
+                  device=s["device"], max_model_len=s["max_model_len"], seed=s["seed"], enforce_eager=True,
+                  kv_cache_dtype=kv_cache_dtype)
+        harnesses[cache, kv_cache_dtype] = Harness(llm.engine)
+    eng = next(iter(harnesses.values())).engine
+    if eng.tokenizer is None:
         raise CLIError("this model has no tokenizer files; the tasks need text")
-    harness = Harness(llm.engine)
-    items = make_items(llm.tokenizer, s, llm.engine.max_model_len)
+    items = make_items(eng.tokenizer, s, eng.max_model_len)
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
     _write_yaml(out / "config.yaml", s)
     t0 = time.perf_counter()
     steps = len(items) * len(methods) + (len(s["ppl_prefix"]) * len(methods) if s["ppl_tokens"] else 0)
     with tqdm(total=steps, desc="eval", unit="run") as bar, open(out / "predictions.jsonl", "w") as sink:
-        records = run_tasks(harness, items, methods, s["seed"], bar, sink)
-        fidelity = run_fidelity(harness, s, methods, bar) if s["ppl_tokens"] else {}
-    results = summarize_run(s, methods, records, fidelity, llm.engine.model_config, str(llm.engine.device),
+        records = run_tasks(harnesses, items, methods, s["seed"], bar, sink)
+        fidelity = run_fidelity(harnesses, s, methods, bar) if s["ppl_tokens"] else {}
+    results = summarize_run(s, methods, records, fidelity, eng.model_config, str(eng.device),
                             time.perf_counter() - t0)
     results.update(command=getattr(args, "command_line", None), torch_threads=torch.get_num_threads())
     (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")

@@ -1,0 +1,261 @@
+"""FP8 pools (`kv_cache_dtype="fp8"`): the quantisation, the reference's decode over FP8 pools against float64 math
+on the dequantised values, the caches' storage and sizing, the clear errors, and the Triton kernels under the
+Triton interpreter (`TRITON_INTERPRET=1`, CPU tensors; skipped otherwise, and run on a GPU by the same tests).
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import torch
+
+from kcache.attention import reference as ref
+from kcache.cache import kv
+from kcache.config import EngineConfig, KCacheConfig
+from kcache.models.config import ModelConfig
+
+E4M3_HALF_ULP = 2.0 ** -4  # e4m3 keeps 3 mantissa bits: round to nearest errs by at most 2^-4 of the value
+E4M3_SUBNORMAL_STEP = 2.0 ** -9  # below 2^-6 e4m3 is evenly spaced by 2^-9
+
+
+def _pools(nb, Hkv, bs, D, seed):
+    g = torch.Generator().manual_seed(seed)
+    # rows of very different magnitudes, as K is across heads and tokens: a scale per row must absorb it
+    size = torch.exp(1.5 * torch.randn(nb, Hkv, bs, 1, generator=g))
+    return torch.randn(nb, Hkv, bs, D, generator=g) * size, torch.randn(nb, Hkv, bs, D, generator=g) * size
+
+
+def _tables(lengths, bs, nb, seed):
+    """Block tables [B, widest] int32 over scattered blocks."""
+    need = [math.ceil(n / bs) for n in lengths]
+    perm = torch.randperm(nb, generator=torch.Generator().manual_seed(seed)).tolist()
+    tables = torch.zeros(len(lengths), max(need), dtype=torch.int32)
+    used = 0
+    for b, n in enumerate(need):
+        tables[b, :n] = torch.tensor(perm[used:used + n])
+        used += n
+    return tables, torch.tensor(lengths, dtype=torch.int32)
+
+
+def test_quantize_rounds_each_row_to_e4m3_of_its_own_range():
+    x, _ = _pools(4, 3, 8, 64, seed=0)
+    x[0, 0, 0] = 0.0  # an all-zero row
+    rows, scales = ref.quantize(x)
+    assert rows.dtype == torch.float8_e4m3fn and rows.shape == x.shape
+    assert scales.dtype == torch.float32 and scales.shape == (*x.shape[:-1], 1)
+    back = ref.dequantize(rows, scales, torch.float64)
+    x64 = x.double()
+    amax = x64.abs().amax(-1, keepdim=True)
+    bound = torch.maximum(E4M3_HALF_ULP * x64.abs(), E4M3_SUBNORMAL_STEP / 2 * scales.double()) * (1 + 1e-6)
+    assert ((back - x64).abs() <= bound).all()
+    # each row's largest magnitude lands on e4m3's largest value, so it is kept up to the scale's float32 rounding
+    hit = x64.abs() == amax
+    assert torch.allclose(back.abs()[hit], x64.abs()[hit], rtol=1e-6)
+    assert (back[0, 0, 0] == 0).all() and scales[0, 0, 0].isfinite().all()
+
+
+def _float64_full(q, k, v, tables, lengths):
+    """Softmax attention of one query per sequence, written out per sequence in float64 over pools k, v."""
+    B, H, D = q.shape
+    Hkv, bs = k.shape[1], k.shape[2]
+    out = torch.zeros(B, H, D, dtype=torch.float64)
+    for b in range(B):
+        n = int(lengths[b])
+        blocks, offs = [int(tables[b, p // bs]) for p in range(n)], [p % bs for p in range(n)]
+        K, V = k[blocks, :, offs], v[blocks, :, offs]  # [n, Hkv, D]
+        for h in range(H):
+            p = torch.softmax(K[:, h // (H // Hkv)] @ q[b, h].double() / math.sqrt(D), 0)
+            out[b, h] = p @ V[:, h // (H // Hkv)]
+    return out
+
+
+def test_reference_decodes_fp8_pools_as_float64_math_on_the_dequantised_values():
+    """The pin: quantise, dequantise in float64, and the reference's scores (KCache with N covering everything
+    keeps each token with its exact softmax weight) and outputs (FullKV, KCache) match float64 math on those values."""
+    Hkv, G, bs, D = 2, 3, 8, 32
+    lengths = [1, 29, 70]
+    k, v = _pools(16, Hkv, bs, D, seed=1)
+    tables, lens = _tables(lengths, bs, 16, seed=2)
+    q = torch.randn(len(lengths), Hkv * G, D, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    k8, ks = ref.quantize(k)  # the scales pools [..., 1]: the cache's layout
+    v8, vs = ref.quantize(v)
+    k64, v64 = ref.dequantize(k8, ks, torch.float64), ref.dequantize(v8, vs, torch.float64)
+
+    full = ref.full_decode(q, k8, v8, tables, lens, k_scales=ks, v_scales=vs)
+    assert torch.allclose(full, _float64_full(q, k64, v64, tables, lens), rtol=0, atol=1e-12)
+
+    # KCache's V stays in the model's dtype: pass the float64 dequantised V; every token kept, exact weights
+    everything = KCacheConfig(top_n=128, renormalize=False, chunk_tokens=1)
+    out, mass, _ = ref.kcache_decode(q, k8, v64, tables, lens, everything, k_scales=ks)
+    assert torch.allclose(mass.double(), torch.ones_like(mass, dtype=torch.float64), atol=1e-5)
+    assert _rel(out, _float64_full(q, k64, v64, tables, lens)) < 1e-5  # the scores are float32
+
+    # and the scores that rank the chunks: the reference's softmax over FP8 K is float64's softmax over k64
+    slots, valid = ref.token_slots(tables, lens, bs)
+    p = ref._scores(q, ref.read_rows(k8, slots, ks, torch.float32).transpose(1, 2), valid, 1 / math.sqrt(D))
+    want = ref._scores(q, ref.rows_at(k64, slots).transpose(1, 2).double(), valid, 1 / math.sqrt(D))
+    assert torch.allclose(p, want, atol=1e-6)
+
+
+def _model(layers=2, heads=4, kv_heads=2, head_dim=16):
+    return ModelConfig(architecture="LlamaForCausalLM", vocab_size=32, hidden_size=heads * head_dim, intermediate_size=32, num_layers=layers,
+                       num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim, max_position_embeddings=256)
+
+
+@pytest.mark.parametrize("cache", ["full", "kcache"])
+def test_fp8_pools_are_what_the_spec_counts(cache):
+    m = _model()
+    dense = None if cache == "full" else 1
+    spec = kv.cache_spec(m, torch.float32, dense, "fp8")
+    plain = kv.cache_spec(m, torch.float32, dense, "auto")
+    row, fp8_row = m.num_kv_heads * m.head_dim * 4, m.num_kv_heads * (m.head_dim + 4)  # one token, one layer
+    if cache == "full":  # K and V in FP8 with their scales
+        assert (spec.device_bytes_per_token, spec.host_bytes_per_token) == (2 * m.num_layers * fp8_row, 0)
+        c = kv.FullKV(m, 5, 8, torch.float32, "cpu", kv_cache_dtype="fp8")
+        held = [c.k, c.v, c.k_scales, c.v_scales]
+    else:  # FP8 K; V of the dense layer on the device and the rest on the host in the model's dtype
+        assert spec.device_bytes_per_token == m.num_layers * fp8_row + row
+        assert spec.host_bytes_per_token == plain.host_bytes_per_token == row
+        c = kv.KCache(m, 5, 8, torch.float32, "cpu", KCacheConfig(dense_layers=1, chunk_tokens=8), kv_cache_dtype="fp8")
+        held = [c.k, c.k_scales, c.v_dense]
+        assert c.host_bytes() == c.v_host.numel() * c.v_host.element_size()
+    assert c.k.dtype == torch.float8_e4m3fn and c.k_scales.shape == (*c.k.shape[:-1], 1)
+    assert c.device_bytes() == sum(t.numel() * t.element_size() for t in held)
+
+
+@pytest.mark.parametrize("cache", ["full", "kcache"])
+def test_fp8_cache_stores_quantised_rows_and_decodes_them(cache):
+    """Prefill two chunks, then a decode step, through the cache's attend: the pools hold each row's e4m3 rounding;
+    the second chunk attends to the first as stored and to itself exactly; decode reads every row as stored."""
+    m = _model(layers=1)
+    bs, T = 8, 20
+    c = (kv.FullKV(m, 6, bs, torch.float32, "cpu", kv_cache_dtype="fp8") if cache == "full" else
+         kv.KCache(m, 6, bs, torch.float32, "cpu", KCacheConfig(top_n=64, chunk_tokens=1), kv_cache_dtype="fp8"))
+    g = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(T + 1, h, m.head_dim, generator=g) for h in (m.num_heads, m.num_kv_heads, m.num_kv_heads))
+    table = torch.tensor([[3, 0, 5]], dtype=torch.int32)
+    slots = (table[0].long()[torch.arange(T + 1) // bs] * bs + torch.arange(T + 1) % bs)
+    for start, n in ((0, 12), (12, T - 12)):
+        batch = kv.StepBatch(True, slots[start:start + n], table, torch.tensor([start + n], dtype=torch.int32),
+                             chunk_starts=(0,), chunk_lens=(n,), context_lens=(start,))
+        out = c.attend(0, q[start:start + n], k[start:start + n], v[start:start + n], batch)
+    k_stored = ref.dequantize(*ref.quantize(k), torch.float32)
+    v_stored = ref.dequantize(*ref.quantize(v), torch.float32) if cache == "full" else v
+    assert torch.equal(ref.read_rows(c.k[0], slots[:T], c.k_scales[0], torch.float32), k_stored[:T])
+    # the second chunk: the first chunk's rows as stored, its own exactly
+    k_seen, v_seen = torch.cat([k_stored[:12], k[12:T]]), torch.cat([v_stored[:12], v[12:T]])
+    assert torch.allclose(out, ref.prefill_attention(q[12:T], k_seen, v_seen, 12), atol=1e-6)
+    step = kv.StepBatch(False, slots[T:], table, torch.tensor([T + 1], dtype=torch.int32))
+    got = c.attend(0, q[T:], k[T:], v[T:], step)
+    want = ref.prefill_attention(q[T:], k_stored, v_stored, T)  # causal attention's last row: a decode step's
+    assert torch.allclose(got, want, atol=1e-5)
+
+
+def test_fp8_where_the_gpu_cannot_convert_it_is_one_clear_error(monkeypatch):
+    monkeypatch.setattr(torch.version, "hip", None)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100-SXM4-80GB")
+    with pytest.raises(kv.KVCacheDtypeError, match=r"compute capability 8.9 or newer.*A100.* 8\.0"):
+        kv.check_fp8(torch.device("cuda"))
+    from kcache.cli import user_errors
+
+    assert issubclass(kv.KVCacheDtypeError, user_errors())
+
+
+def test_kv_cache_dtype_is_validated_and_defaults_to_auto():
+    assert EngineConfig().kv_cache_dtype == "auto"
+    with pytest.raises(ValueError, match="kv_cache_dtype"):
+        EngineConfig(kv_cache_dtype="int8")
+
+
+# ---- the Triton kernels, under the interpreter on CPU (or on a GPU) ---------------------------------------------
+
+def _triton_device():
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return None
+    if torch.cuda.is_available():
+        return "cuda"
+    return "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else None
+
+
+needs_triton = pytest.mark.skipif(_triton_device() is None, reason="needs Triton: a CUDA GPU, or TRITON_INTERPRET=1")
+
+
+def _kernel_case(lengths, seed, dtype=torch.float32):
+    """FP8 K and V pools with their scales, and their dequantised float copies, on the kernels' device."""
+    dev = _triton_device()
+    Hkv, G, bs, D = 2, 4, 16, 32
+    nb = sum(math.ceil(n / bs) for n in lengths) + 2
+    k, v = _pools(nb, Hkv, bs, D, seed)
+    tables, lens = _tables(lengths, bs, nb, seed + 1)
+    q = 2 * torch.randn(len(lengths), Hkv * G, D, generator=torch.Generator().manual_seed(seed + 2))
+    (k8, ks), (v8, vs) = ref.quantize(k), ref.quantize(v)
+    on = lambda t: t.to(dev)  # noqa: E731
+    return dict(q=on(q.to(dtype)), k8=on(k8), ks=on(ks), v8=on(v8), vs=on(vs), v=on(v.to(dtype)), tables=on(tables),
+                lens=on(lens), k_deq=ref.dequantize(k8, ks, torch.float64), v_deq=ref.dequantize(v8, vs, torch.float64))
+
+
+def _rel(out, want):
+    return ((out.double().cpu() - want.double()).norm() / want.double().norm()).item()
+
+
+@needs_triton
+def test_triton_full_decode_dequantises_fp8_k_and_v():
+    from kcache.attention import triton_decode as td
+
+    c = _kernel_case([1, 40, 150], seed=5)
+    out = td.full_decode(c["q"], c["k8"], c["v8"], c["tables"], c["lens"], k_scales=c["ks"], v_scales=c["vs"])
+    want = _float64_full(c["q"].cpu().double(), c["k_deq"], c["v_deq"], c["tables"].cpu(), c["lens"].cpu())
+    assert _rel(out, want) < 1e-5
+
+
+@needs_triton
+@pytest.mark.parametrize("selection", ["group", "head"])
+@pytest.mark.parametrize("chunk", [1, 8])
+def test_triton_kcache_decode_scans_fp8_k_like_the_reference(selection, chunk):
+    """The scan, the selection and the gather's logits over FP8 K: the same chunks, weights, masses and outputs as
+    the reference over the same pools (whose own dequantisation the float64 test pins)."""
+    from kcache.attention import triton_decode as td
+
+    c = _kernel_case([3, 100, 200], seed=6)
+    cfg = KCacheConfig(top_n=32, selection=selection, chunk_tokens=chunk, sink_tokens=2)
+    out, mass, rows = td.kcache_decode(c["q"], c["k8"], c["v"], c["tables"], c["lens"], cfg, k_scales=c["ks"])
+    cpu = {n: t.cpu() for n, t in c.items()}
+    want, want_mass, want_rows = ref.kcache_decode(cpu["q"].double(), cpu["k8"], cpu["v"].double(), cpu["tables"],
+                                                   cpu["lens"], cfg, k_scales=cpu["ks"])
+    assert _rel(out, want) < 1e-5 and _rel(mass, want_mass) < 1e-5
+    assert torch.equal(rows.cpu(), want_rows)
+
+
+@needs_triton
+def test_triton_chunk_scores_are_the_float64_scores_of_the_dequantised_k():
+    from kcache.attention import triton_decode as td
+
+    c = _kernel_case([64, 130], seed=7)
+    D = c["q"].shape[-1]
+    lse, m, l = td.chunk_scores(c["q"], c["k8"], c["tables"], c["lens"], 1, 1 / math.sqrt(D), k_scales=c["ks"])
+    slots, valid = ref.token_slots(c["tables"].cpu(), c["lens"].cpu(), c["k8"].shape[2])
+    k = ref.rows_at(c["k_deq"], slots).transpose(1, 2)  # [B, Hkv, L, D] float64
+    B, H, _ = c["q"].shape
+    logits = (c["q"].cpu().double().view(B, k.shape[1], H // k.shape[1], D) @ k.transpose(-1, -2)) / math.sqrt(D)
+    for b, n in enumerate(c["lens"].tolist()):  # chunks of one token: their log-sum-exp is the logit itself
+        assert torch.allclose(lse[b, ..., :n].cpu().double(), logits[b, ..., :n], atol=1e-4)
+
+
+@needs_triton
+def test_triton_row_copies_move_fp8_rows_and_scales_unchanged():
+    from kcache.attention import triton_decode as td
+
+    dev = _triton_device()
+    rows, scales = ref.quantize(torch.randn(5, 2, 32))
+    pool = torch.zeros(4, 2, 8, 32, dtype=torch.float8_e4m3fn, device=dev)
+    spool = torch.zeros(4, 2, 8, 1, device=dev)
+    slots = torch.tensor([3, 9, 17, 30, 31], device=dev)
+    td.store_rows(pool, rows.to(dev), slots)
+    td.store_rows(spool, scales.to(dev), slots)
+    assert torch.equal(td.load_rows(pool, slots).cpu().view(torch.uint8), rows.view(torch.uint8))
+    assert torch.equal(td.load_rows(spool, slots).cpu(), scales)
+    assert torch.equal(ref.load_rows(pool.cpu(), slots.cpu()).view(torch.uint8), rows.view(torch.uint8))
