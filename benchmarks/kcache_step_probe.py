@@ -15,7 +15,6 @@ import os
 import sys
 
 import torch
-import triton
 
 from attention_microbench import hbm_read_bandwidth, time_graph  # same folder
 from kcache.attention import triton_decode as td
@@ -86,25 +85,22 @@ def gather_parts(q, k, v, tables, lens, scale, nb) -> list[dict]:
     """The gather's two launches timed apart (chunk_tokens 8, top_n 64): the host copy per layer, the same copy of
     every layer's chunks in one launch (tables offset into each layer's pool), and the weighted sum alone."""
     cfg = KCacheConfig(top_n=64, chunk_tokens=8)
-    B, NP, n = q.shape[0], cfg.selection_width, cfg.chunk_budget
-    keys = torch.stack([td.select_chunks(*td.chunk_scores(q, k[l], tables, lens, 8, scale), lens, cfg)
-                        for l in range(LAYERS)])  # [layers, B, Hkv, 1, NP]
-    staged = torch.empty(LAYERS, B, HKV, 1, NP * 8, D, device=q.device, dtype=v.dtype)
-
-    def stage(keys_, pool, tables_, lens_, out):
-        td._stage_kernel[(keys_.shape[0] * HKV, triton.cdiv(n, 2))](
-            keys_, pool, tables_, lens_, out, tables_.shape[1], n, HKV=HKV, D=D, BS=BS, NP=NP, C=8, CH=2, NSEL=1,
-            num_warps=2)
-
-    per_layer = per_step_ms(lambda: [stage(keys[l], v[l], tables, lens, staged[l]) for l in range(LAYERS)])
+    B = q.shape[0]
+    mids = [td.chunk_scores(q, k[l], tables, lens, 8, scale) for l in range(LAYERS)]
+    keys = torch.stack([td.select_chunks(*mid, lens, cfg) for mid in mids])  # [layers, B, Hkv, 1, NP]
+    per_layer = per_step_ms(lambda: [td.stage_chunks(keys[l], v[l], tables, lens, cfg) for l in range(LAYERS)])
     offset = (torch.arange(LAYERS, device=q.device, dtype=torch.int32) * nb).view(LAYERS, 1, 1)
     all_tables = (tables[None] + offset).view(LAYERS * B, -1)  # layer l's blocks in the flat [layers * nb] pool
     flat = v.view(LAYERS * nb, HKV, BS, D)
-    one_launch = per_step_ms(lambda: stage(keys.view(LAYERS * B, HKV, 1, NP), flat, all_tables, lens.repeat(LAYERS),
-                                           staged))
+    all_keys = keys.view(LAYERS * B, *keys.shape[2:])
+    one_launch = per_step_ms(lambda: td.stage_chunks(all_keys, flat, all_tables, lens.repeat(LAYERS), cfg))
+    staged = [td.stage_chunks(keys[l], v[l], tables, lens, cfg) for l in range(LAYERS)]
+    summed = per_step_ms(lambda: [td.weighted_sum(keys[l], q, k[l], mids[l][1], mids[l][2], staged[l], tables, lens,
+                                                  cfg, scale) for l in range(LAYERS)])
     v_bytes = B * LAYERS * HKV * cfg.budget * D * 2
     rows = [{"part": "host copy, one launch per layer", "ms": per_layer, "GBps": v_bytes / per_layer / 1e6},
-            {"part": "host copy, all layers in one launch", "ms": one_launch, "GBps": v_bytes / one_launch / 1e6}]
+            {"part": "host copy, all layers in one launch", "ms": one_launch, "GBps": v_bytes / one_launch / 1e6},
+            {"part": "weighted sum over the staged rows (K logits again, softmax weights, sum)", "ms": summed}]
     for r in rows:
         print(json.dumps(r), flush=True)
     return rows

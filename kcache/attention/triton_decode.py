@@ -392,30 +392,45 @@ def select_chunks(lse, m, l, lengths, cfg: KCacheConfig):
     return cand.view(B, Hkv, rows // (B * Hkv), NP)
 
 
-def gather_chunks(keys, q, k_cache, m, l, v_cache, block_tables, lengths, cfg: KCacheConfig, scale: float,
-                  k_scales=None):
-    """The weighted sums over the selected chunks -> (out [B, H, D], mass [B, H] float32, V rows read [B] int32)."""
+def stage_chunks(keys, v_cache, block_tables, lengths, cfg: KCacheConfig) -> torch.Tensor:
+    """Copy the selected chunks' V rows from the (host) pool to the device: staged [B, Hkv, 1|G, NP * c, D], one
+    contiguous read per chunk."""
+    B, Hkv, nsel, NP = keys.shape
+    c, n, D = cfg.chunk_tokens, cfg.chunk_budget, v_cache.shape[-1]
+    staged = torch.empty(B, Hkv, nsel, NP * c, D, dtype=v_cache.dtype, device=keys.device)
+    ch = max(1, STAGE_ROWS // c)
+    _stage_kernel[(B * Hkv * nsel, triton.cdiv(n, ch))](
+        keys, v_cache, block_tables, lengths, staged, block_tables.shape[1], n, HKV=Hkv, D=D, BS=v_cache.shape[2],
+        NP=NP, C=c, CH=ch, NSEL=nsel, num_warps=STAGE_WARPS,
+    )
+    return staged
+
+
+def weighted_sum(keys, q, k_cache, m, l, staged, block_tables, lengths, cfg: KCacheConfig, scale: float,
+                 k_scales=None):
+    """The weighted sums over the staged chunks -> (out [B, H, D], mass [B, H] float32, V rows read [B] int32)."""
     B, H, D, bs, Hkv, G, L = _shapes(q, k_cache, block_tables)
     nsel, NP = keys.shape[2], keys.shape[3]
     c = cfg.chunk_tokens
-    n = cfg.chunk_budget
-    staged = torch.empty(B, Hkv, nsel, NP * c, D, dtype=v_cache.dtype, device=q.device)
-    ch = max(1, STAGE_ROWS // c)
-    _stage_kernel[(B * Hkv * nsel, triton.cdiv(n, ch))](
-        keys, v_cache, block_tables, lengths, staged, block_tables.shape[1], n, HKV=Hkv, D=D, BS=bs, NP=NP, C=c,
-        CH=ch, NSEL=nsel, num_warps=STAGE_WARPS,
-    )
     out = torch.empty_like(q)
     mass = torch.empty(B, H, dtype=torch.float32, device=q.device)
     rows = torch.empty(B, Hkv, nsel, dtype=torch.int32, device=q.device)
     _gather_kernel[(B, Hkv, nsel)](
         keys, q, k_cache, _scales_arg(k_scales, k_cache), m, l, staged, block_tables, lengths, out, mass, rows, scale,
-        block_tables.shape[1], m.shape[-1], n, HKV=Hkv, G=G, D=D, BS=bs, BG=_pad_rows(G),
+        block_tables.shape[1], m.shape[-1], cfg.chunk_budget, HKV=Hkv, G=G, D=D, BS=bs, BG=_pad_rows(G),
         SP=triton.next_power_of_2(m.shape[-1]), NP=NP, C=c, TILE=max(1, min(NP, GATHER_ROWS // c)),
         GROUP=cfg.selection == "group", RENORM=cfg.renormalize, PREC=_dot_precision(q.dtype), KQ=k_scales is not None,
         num_warps=4,
     )
     return out, mass, rows.sum((1, 2), dtype=torch.int32)
+
+
+def gather_chunks(keys, q, k_cache, m, l, v_cache, block_tables, lengths, cfg: KCacheConfig, scale: float,
+                  k_scales=None):
+    """The selected chunks' V read from the pool and summed with their exact weights -> (out [B, H, D], mass [B, H]
+    float32, V rows read [B] int32)."""
+    staged = stage_chunks(keys, v_cache, block_tables, lengths, cfg)
+    return weighted_sum(keys, q, k_cache, m, l, staged, block_tables, lengths, cfg, scale, k_scales)
 
 
 def kcache_decode(q, k_cache, v_cache, block_tables, lengths, cfg: KCacheConfig, scale=None, k_scales=None):
