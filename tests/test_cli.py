@@ -24,11 +24,13 @@ def assert_one_line_error(r, *words):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("cache_args", [["--cache", "kcache", "--top-n", "32"], ["--cache", "full"]])
+@pytest.mark.parametrize("cache_args", [["--cache", "kcache", "--top-n", "32"], ["--cache", "full"],
+                                        ["--cache", "kcache", "--kv-cache-dtype", "fp8"]])
 def test_chat_names_paris_with_stats(cache_args):
     r = kcache("generate", "--chat", "What is the capital of France?", "--max-new-tokens", "32", *cache_args)
     assert r.returncode == 0, r.stderr
     assert "Paris" in r.stdout
+    assert ("kv_cache_dtype=fp8" in r.stderr) == ("fp8" in cache_args)
     for field in ("prompt tokens", "new tokens", "prefill seconds", "decode tokens/s", "device KV bytes", "host V bytes",
                   "attention mass kept"):
         assert field in r.stderr
