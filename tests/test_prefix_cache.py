@@ -11,7 +11,7 @@ from kcache.config import KCacheConfig
 from kcache.engine.block_manager import BlockManager
 from kcache.engine.sequence import Sequence
 
-from test_engine import llama, make_engine  # noqa: F401  (the module's tiny Llama fixture)
+from test_engine import llama, make_engine, run_all  # noqa: F401  (llama: the module's tiny Llama fixture)
 
 BS = 16
 KCFG = KCacheConfig(top_n=8, sink_tokens=1, recent_tokens=2, chunk_tokens=4)
@@ -42,17 +42,7 @@ def accounting_holds(engine) -> None:
 
 def run_staged(engine, stages: list[list[list[int]]], params=GREEDY, check=accounting_holds):
     """Submit each stage's prompts once the previous stage has finished; outputs in submission order."""
-    outs = []
-    for prompts in stages:
-        ids = [engine.add_request(p, params) for p in prompts]
-        done = {}
-        while engine.has_unfinished():
-            for out in engine.step():
-                if out.finished:
-                    done[out.request_id] = out
-            check(engine)
-        outs += [done[i] for i in ids]
-    return outs
+    return [out for prompts in stages for out in run_all(engine, prompts, params, check)]
 
 
 MODES = {"full": ("full", KCFG), "kcache": ("kcache", KCFG),

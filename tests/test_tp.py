@@ -51,22 +51,27 @@ def prefill_logits(eng: LLMEngine):
     return logits
 
 
-@pytest.mark.parametrize("mode", CACHES)
-def test_tp2_matches_tp1(checkpoint, mode):
+def assert_tp_matches_tp1(folder, mode: str, tp: int) -> None:
+    """TP=tp keeps 1/tp of the KV heads per rank, holds tp times the tokens in the same budget, and gives TP=1's
+    greedy tokens and prefill logits (partial sums add up in another order: close, not equal)."""
     cache, kcfg = CACHES[mode]
-    one = engine(checkpoint, cache, kcfg)
+    one = engine(folder, cache, kcfg)
     expected, logits = greedy(one), prefill_logits(one)
     one.close()
-    two = engine(checkpoint, cache, kcfg, tp=2)
+    many = engine(folder, cache, kcfg, tp=tp)
     try:
-        cfg = two.model_config
-        assert two.cache.k.shape[2] == cfg.num_kv_heads // 2  # rank 0 keeps half of the KV heads
-        assert two.plan.device_bytes_per_block * 2 == one.plan.device_bytes_per_block  # the same budget holds twice the tokens
-        assert greedy(two) == expected
-        torch.testing.assert_close(prefill_logits(two), logits, atol=1e-5, rtol=1e-5)  # partial sums add up in another order
+        assert many.cache.k.shape[2] == many.model_config.num_kv_heads // tp  # rank 0's share of the KV heads
+        assert many.plan.device_bytes_per_block * tp == one.plan.device_bytes_per_block
+        assert greedy(many) == expected
+        torch.testing.assert_close(prefill_logits(many), logits, atol=1e-5, rtol=1e-5)
     finally:
-        two.close()
+        many.close()
     assert not multiprocessing.active_children()
+
+
+@pytest.mark.parametrize("mode", CACHES)
+def test_tp2_matches_tp1(checkpoint, mode):
+    assert_tp_matches_tp1(checkpoint, mode, 2)
 
 
 @pytest.fixture(scope="module")
@@ -85,19 +90,7 @@ def four_kv_heads(tmp_path_factory):
 
 @pytest.mark.parametrize("mode", ["full", "kcache-top4"])
 def test_tp4_matches_tp1(four_kv_heads, mode):
-    cache, kcfg = CACHES[mode]
-    one = engine(four_kv_heads, cache, kcfg)
-    expected, logits = greedy(one), prefill_logits(one)
-    one.close()
-    four = engine(four_kv_heads, cache, kcfg, tp=4)
-    try:
-        assert four.cache.k.shape[2] == 1  # one KV head per rank
-        assert four.plan.device_bytes_per_block * 4 == one.plan.device_bytes_per_block
-        assert greedy(four) == expected
-        torch.testing.assert_close(prefill_logits(four), logits, atol=1e-5, rtol=1e-5)
-    finally:
-        four.close()
-    assert not multiprocessing.active_children()
+    assert_tp_matches_tp1(four_kv_heads, mode, 4)  # one KV head per rank
 
 
 @pytest.mark.parametrize("tp, what", [(3, "num_attention_heads"), (4, "num_key_value_heads")])
