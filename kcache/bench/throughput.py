@@ -238,7 +238,9 @@ def run(args) -> int:
     loaded = loader.load(base.model, base.load_format, base.dtype, base.device, base.seed) if base.tensor_parallel_size == 1 else None
     longest = (args.shared_prefix_len + int(args.input_len * (1 + args.random_range_ratio))
                + int(args.output_len * (1 + args.random_range_ratio)))
-    name = lambda cache, cached: f"{cache}/{'prefix' if cached else 'no-prefix'}" if len(prefix) > 1 else cache  # noqa: E731
+    def name(cache: str, cached: bool) -> str:
+        return f"{cache}/{'prefix' if cached else 'no-prefix'}" if len(prefix) > 1 else cache
+
     results = {}
     for cache in caches:
         for cached in prefix:
@@ -248,7 +250,8 @@ def run(args) -> int:
     ratios = {}
     if args.compare:
         for cached in prefix:
-            ratios[f"{name('kcache', cached)}/{name('full', cached)}"] = _ratio(results[name("kcache", cached)], results[name("full", cached)])
+            a, b = name("kcache", cached), name("full", cached)
+            ratios[f"{a}/{b}"] = _ratio(results[a], results[b])
     if args.compare_prefix_caching:
         for cache in caches:
             ratios[f"{cache}: prefix/none"] = _ratio(results[name(cache, True)], results[name(cache, False)])
