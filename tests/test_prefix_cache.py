@@ -142,3 +142,15 @@ def test_prefix_caching_off_caches_nothing(llama):
     engine = make_engine(llama, "kcache", KCFG, enable_prefix_caching=False)
     run_staged(engine, [shared_prompts(48, 1), shared_prompts(48, 3)])
     assert engine.blocks.num_cached == 0 and engine.blocks.hit_tokens == 0
+
+
+@pytest.mark.parametrize("cache", ["full", "kcache"])
+def test_a_burst_over_one_prefix_prefills_it_once(llama, cache):
+    """Requests that arrive together: the first prefills the shared blocks, the others wait one step and share them
+    (without the wait each would prefill them in the same step)."""
+    ps = shared_prompts(64, 4, seed=9)
+    plain = run_all(make_engine(llama, cache, KCFG, enable_prefix_caching=False), ps, GREEDY)
+    engine = make_engine(llama, cache, KCFG, max_num_batched_tokens=1024)
+    cached = run_all(engine, ps, GREEDY, check=accounting_holds)
+    assert [o.token_ids for o in cached] == [o.token_ids for o in plain]
+    assert [o.metrics["cached_prompt_tokens"] for o in cached] == [0, 64, 64, 64]

@@ -118,6 +118,19 @@ class BlockManager:
             hit.append(b)
         return hit
 
+    def first_missing_key(self, seq: Sequence) -> bytes | None:
+        """The key of seq's first full block that is not cached (None: none, or no prefix caching)."""
+        n = len(self.cached_prefix(seq))
+        limit = (seq.num_tokens - 1) // self.block_size
+        return self._keys(seq, n + 1)[n] if self.prefix_caching and n < limit else None
+
+    def keys_completed(self, seq: Sequence, n: int) -> list[bytes]:
+        """The keys of the blocks that prefilling seq's next n tokens fills (and so will key)."""
+        if not self.prefix_caching:
+            return []
+        first, end = seq.num_cached // self.block_size, (seq.num_cached + n) // self.block_size
+        return self._keys(seq, end)[first:]
+
     def cache_prefill(self, seq: Sequence) -> None:
         """Key the sequence's blocks that a prefill has now written in full. A block whose content is cached already
         (another sequence prefilled the same tokens in the same step) stays private."""

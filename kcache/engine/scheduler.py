@@ -5,7 +5,8 @@ or decodes one token for every running sequence. When both kinds of work exist t
 arrivals never stall decoding and decoding never starves arrivals. Admission is FIFO: a prompt is admitted
 only when blocks for all its tokens are free (plus one spare block per running sequence for its next token),
 so nothing is ever over budget; with prefix caching it first takes the cached blocks of its longest cached
-prefix, and prefills only the rest. When a decoding sequence needs a block and none is free, the newest running
+prefix, and prefills only the rest (a prompt whose next block another chunk of the same step is filling waits one
+step, and then shares it: a burst of requests over one document prefills the document once). When a decoding sequence needs a block and none is free, the newest running
 sequence is preempted by recompute: its blocks are freed and it is re-queued at the front, to be prefilled
 again (exactly) with its generated tokens. Recompute needs no swap space and prefill is compute-bound and
 fast; swapping K out would cost PCIe traffic both ways, and in KCache mode V already lives on the host.
@@ -48,13 +49,18 @@ class Scheduler:
 
     def _schedule_prefill(self) -> list[tuple[Sequence, int]]:
         budget, chunks = self.max_tokens, []
+        filling: set[bytes] = set()  # keys of the blocks this step's chunks fill
         for seq in self.waiting:
             if budget == 0 or len(self.running) + len(chunks) >= self.max_num_seqs:
                 break
-            if not seq.block_table and not self.blocks.admit(seq, reserve=len(self.running)):
-                break  # FIFO: a later, shorter prompt may not overtake (it would starve long prompts)
+            if not seq.block_table:
+                if filling and self.blocks.first_missing_key(seq) in filling:
+                    break  # the rest of its cached prefix is being prefilled now: admitted next step, it shares it
+                if not self.blocks.admit(seq, reserve=len(self.running)):
+                    break  # FIFO: a later, shorter prompt may not overtake (it would starve long prompts)
             n = min(seq.num_tokens - seq.num_cached, budget)
             chunks.append((seq, n))
+            filling.update(self.blocks.keys_completed(seq, n))
             budget -= n
         return chunks
 
