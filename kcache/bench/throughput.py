@@ -206,7 +206,7 @@ def print_table(results: dict[str, dict], ratios: dict[str, dict]) -> None:
             "full_batch_decode_tokens_per_s",
             "mean_decode_batch", "mean_ttft_s", "mean_ttft_after_first_s", "p50_ttft_s", "p99_ttft_s",
             "mean_tpot_s", "p50_tpot_s", "p99_tpot_s", "max_concurrent_seqs", "preemptions",
-            "prefix_cached_tokens_per_request", "pool_tokens", "device_pool_bytes", "host_pool_bytes", "mass_kept_mean"]
+            "prefill_tokens", "prefix_cached_tokens_per_request", "pool_tokens", "device_pool_bytes", "host_pool_bytes", "mass_kept_mean"]
     width = max(map(len, rows)) + 2
     columns = {name: max(16, len(name) + 2) for name in [*results, *ratios]}
     print(f"{'metric':<{width}}" + "".join(f"{name:>{w}}" for name, w in columns.items()))
