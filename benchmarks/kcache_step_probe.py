@@ -95,14 +95,21 @@ def gather_parts(q, k, v, tables, lens, scale, nb) -> list[dict]:
     all_keys = keys.view(LAYERS * B, *keys.shape[2:])
     one_launch = per_step_ms(lambda: td.stage_chunks(all_keys, flat, all_tables, lens.repeat(LAYERS), cfg))
     staged = [td.stage_chunks(keys[l], v[l], tables, lens, cfg) for l in range(LAYERS)]
-    summed = per_step_ms(lambda: [td.weighted_sum(keys[l], q, k[l], mids[l][1], mids[l][2], staged[l], tables, lens,
-                                                  cfg, scale) for l in range(LAYERS)])
     v_bytes = B * LAYERS * HKV * cfg.budget * D * 2
     rows = [{"part": "host copy, one launch per layer", "ms": per_layer, "GBps": v_bytes / per_layer / 1e6},
-            {"part": "host copy, all layers in one launch", "ms": one_launch, "GBps": v_bytes / one_launch / 1e6},
-            {"part": "weighted sum over the staged rows (K logits again, softmax weights, sum)", "ms": summed}]
+            {"part": "host copy, all layers in one launch", "ms": one_launch, "GBps": v_bytes / one_launch / 1e6}]
     for r in rows:
         print(json.dumps(r), flush=True)
+    default = td.GATHER_ROWS, td.GATHER_WARPS, td.SPLIT_WEIGHTS
+    for split, tile, warps in [(False, 128, 4), (True, 128, 4), (True, 128, 8), (True, 64, 4), (True, 32, 4),
+                               (False, 32, 4), (False, 64, 8)]:
+        td.GATHER_ROWS, td.GATHER_WARPS, td.SPLIT_WEIGHTS = tile, warps, split
+        ms = per_step_ms(lambda: [td.weighted_sum(keys[l], q, k[l], mids[l][1], mids[l][2], staged[l], tables, lens,
+                                                  cfg, scale) for l in range(LAYERS)])
+        rows.append({"part": "weighted sum over the staged rows (K logits again, softmax weights, sum)", "ms": ms,
+                     "split_weights": split, "gather_rows": tile, "warps": warps})
+        print(json.dumps(rows[-1]), flush=True)
+    td.GATHER_ROWS, td.GATHER_WARPS, td.SPLIT_WEIGHTS = default
     return rows
 
 

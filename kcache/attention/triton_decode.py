@@ -39,6 +39,8 @@ BLOCK_L = 1024  # chunks ranked per program (each keeps its local top NP)
 RANK_WARPS = 8  # warps of a rank program: its bitonic top-k trades shuffles against shared-memory rounds
 MERGE_KEYS = 4096  # keys per merge program (its register tile)
 GATHER_ROWS = 128  # staged V rows summed per gather step
+GATHER_WARPS = 4
+SPLIT_WEIGHTS = True  # 16-bit V: weights as two 16-bit halves on the tensor cores (see _gather_kernel)
 STAGE_ROWS = 16  # V rows one staging program copies from host memory (whole chunks, at least one)
 STAGE_WARPS = 2
 MAX_SPLITS = 64  # bounds the reduce's register tile [splits, head_dim]
@@ -279,7 +281,7 @@ def _gather_kernel(
     keys, q, k_cache, k_scales, m_in, l_in, staged, block_tables, lengths, out, mass, rows_read, scale, max_blocks,
     S, n, HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BS: tl.constexpr, BG: tl.constexpr, SP: tl.constexpr,
     NP: tl.constexpr, C: tl.constexpr, TILE: tl.constexpr, GROUP: tl.constexpr, RENORM: tl.constexpr,
-    PREC: tl.constexpr, KQ: tl.constexpr,
+    PREC: tl.constexpr, KQ: tl.constexpr, SPLIT: tl.constexpr,
 ):
     """Weighted sum over one selection's chunks, their V rows staged on the device by _stage_kernel.
 
@@ -287,6 +289,9 @@ def _gather_kernel(
     keys [B, Hkv, 1|G, NP] hold the selected chunks in their low 32 bits (-1: none), the first n of them used,
     TILE at a time. Each token's weight is its exact softmax weight: its logit again from K (a device read of the
     few selected rows), normalised by the scan's global max and sum. rows_read [B, Hkv, 1|G] counts the V rows read.
+    SPLIT (16-bit V): each float32 weight w is summed as hi + lo, hi = w rounded to V's dtype and lo = the rest
+    rounded again, so two tensor-core dots with float32 accumulation give the float32 sum to ~2^-16 of w; a float32
+    dot ("ieee") cannot use the tensor cores.
     """
     b, h, sel = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     bh = b * HKV + h
@@ -310,7 +315,11 @@ def _gather_kernel(
         x, _, valid = _tile_logits(qv, k_cache, k_scales, table_row, pos, length, scale, h, HKV, D, BS, PREC, KQ)
         w = tl.exp(tl.where(mine[:, None], x, float("-inf")) - top[:, None]) / z[:, None]  # [BG, TILE * C]
         v = tl.load(staged + (base + c0 * C + r)[:, None] * D + d[None, :], mask=valid[:, None], other=0.0)
-        acc += tl.dot(w, v.to(tl.float32), input_precision="ieee")  # float32 like the reference
+        if SPLIT:
+            hi = w.to(v.dtype)
+            acc += tl.dot(hi, v) + tl.dot((w - hi.to(tl.float32)).to(v.dtype), v)
+        else:
+            acc += tl.dot(w, v.to(tl.float32), input_precision="ieee")  # float32 like the reference
         kept += tl.sum(w, 1)
         read += tl.sum(valid.to(tl.int32), 0)
     if RENORM:
@@ -420,7 +429,7 @@ def weighted_sum(keys, q, k_cache, m, l, staged, block_tables, lengths, cfg: KCa
         block_tables.shape[1], m.shape[-1], cfg.chunk_budget, HKV=Hkv, G=G, D=D, BS=bs, BG=_pad_rows(G),
         SP=triton.next_power_of_2(m.shape[-1]), NP=NP, C=c, TILE=max(1, min(NP, GATHER_ROWS // c)),
         GROUP=cfg.selection == "group", RENORM=cfg.renormalize, PREC=_dot_precision(q.dtype), KQ=k_scales is not None,
-        num_warps=4,
+        SPLIT=SPLIT_WEIGHTS and staged.element_size() == 2, num_warps=GATHER_WARPS,
     )
     return out, mass, rows.sum((1, 2), dtype=torch.int32)
 
