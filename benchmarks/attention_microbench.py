@@ -203,7 +203,8 @@ def main():
         hbm_read_GBps=bw["hbm"] / 1e9, zero_copy_gather_GBps=bw["gather"] / 1e9,
         zero_copy_gather_first_256MiB_GBps=bw["gather_256MiB"] / 1e9, host_pool_GiB=pools[2].numel() * 2 / 2**30,
         settings={c: getattr(td, c) for c in
-                  ("BLOCK_N", "PROGRAMS_PER_SM", "MAX_SPLITS", "BLOCK_L", "RANK_WARPS", "MERGE_KEYS", "GATHER_ROWS")},
+                  ("SCAN_TILE", "FULL_TILE", "PROGRAMS_PER_SM", "MAX_SPLITS", "BLOCK_L", "RANK_WARPS", "MERGE_KEYS",
+                   "GATHER_ROWS", "GATHER_WARPS", "SPLIT_WEIGHTS")},
         rows=rows,
     )
     out_dir = os.environ.get("OUT") or os.path.join(os.path.dirname(__file__), "results")

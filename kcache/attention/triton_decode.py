@@ -34,7 +34,12 @@ import triton.language as tl
 
 from kcache.config import KCacheConfig
 
-BLOCK_N = 64  # tokens per K/V tile
+# Tokens per K tile, from the lent H200 (32k tokens, ms per layer; benchmarks/results/tile_probe_h200.json): the
+# KCache scan 0.40 at 128 against 0.49 at 64 (batch 23, bf16), and with FP8 K 0.77 against 1.30 (batch 46); the full
+# decode 0.34 at 64 against 0.40 at 128 in bf16 (batch 11), but 1.18 against 1.90 with FP8 K and V (batch 46): an FP8
+# tile holds half the bytes, so it wants twice the tokens in flight.
+SCAN_TILE = 128
+FULL_TILE = {2: 64, 4: 64, 1: 128}  # by the K pool's element size
 BLOCK_L = 1024  # chunks ranked per program (each keeps its local top NP)
 RANK_WARPS = 8  # warps of a rank program: its bitonic top-k trades shuffles against shared-memory rounds
 MERGE_KEYS = 4096  # keys per merge program (its register tile)
@@ -53,11 +58,11 @@ def _num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
 
 
-def _split(batch: int, kv_heads: int, max_len: int, device: torch.device) -> tuple[int, int]:
-    """(splits, tokens per split) from static shapes only: enough programs to fill the GPU."""
+def _split(batch: int, kv_heads: int, max_len: int, device: torch.device, tile: int) -> tuple[int, int]:
+    """(splits, tokens per split, a multiple of tile) from static shapes only: enough programs to fill the GPU."""
     want = triton.cdiv(PROGRAMS_PER_SM * _num_sms(device), batch * kv_heads)
-    splits = max(1, min(want, MAX_SPLITS, triton.cdiv(max_len, BLOCK_N)))
-    per_split = triton.cdiv(triton.cdiv(max_len, splits), BLOCK_N) * BLOCK_N
+    splits = max(1, min(want, MAX_SPLITS, triton.cdiv(max_len, tile)))
+    per_split = triton.cdiv(triton.cdiv(max_len, splits), tile) * tile
     return triton.cdiv(max_len, per_split), per_split
 
 
@@ -182,7 +187,7 @@ def _scores_kernel(
     qv = _load_q(q, b, h, HKV, G, D, BG)  # [BG, D]
     g = tl.arange(0, BG)
     head = (b * HKV + h) * G + g
-    start = s * per_split  # a multiple of BLOCK_N, so chunks never straddle two programs
+    start = s * per_split  # a multiple of the tile, so chunks never straddle two programs
     end = tl.minimum(start + per_split, tl.load(lengths + b))
     m = tl.full([BG], float("-inf"), tl.float32)
     l = tl.zeros([BG], tl.float32)
@@ -346,14 +351,15 @@ def full_decode(q, k_cache, v_cache, block_tables, lengths, scale=None, k_scales
     with their scales pools."""
     B, H, D, bs, Hkv, G, L = _shapes(q, k_cache, block_tables)
     scale = scale if scale is not None else 1.0 / math.sqrt(D)
-    S, per_split = _split(B, Hkv, L, q.device)
+    tile = FULL_TILE[k_cache.element_size()]
+    S, per_split = _split(B, Hkv, L, q.device, tile)
     acc = torch.empty(B, H, S, D, dtype=torch.float32, device=q.device)
     m = torch.empty(B, H, S, dtype=torch.float32, device=q.device)
     l = torch.empty_like(m)
     _full_split_kernel[(B, Hkv, S)](
         q, k_cache, v_cache, _scales_arg(k_scales, k_cache), _scales_arg(v_scales, v_cache), block_tables, lengths,
         acc, m, l, scale, block_tables.shape[1], per_split, HKV=Hkv, G=G, D=D, BS=bs, BG=_pad_rows(G),
-        BLOCK_N=BLOCK_N, PREC=_dot_precision(q.dtype), KQ=k_scales is not None, VQ=v_scales is not None,
+        BLOCK_N=tile, PREC=_dot_precision(q.dtype), KQ=k_scales is not None, VQ=v_scales is not None,
         num_warps=4, num_stages=3,
     )
     out = torch.empty_like(q)
@@ -365,14 +371,14 @@ def chunk_scores(q, k_cache, block_tables, lengths, chunk_tokens: int, scale: fl
     """The K scan (FP8 K with its scales pool k_scales, or not): chunk log-sum-exps [B, Hkv, G, L / c] float32
     (written up to each length) and per-split stats m, l [B, Hkv, G, S]."""
     B, H, D, bs, Hkv, G, L = _shapes(q, k_cache, block_tables)
-    S, per_split = _split(B, Hkv, L, q.device)
+    S, per_split = _split(B, Hkv, L, q.device, SCAN_TILE)
     LC = L // chunk_tokens
     lse = torch.empty(B, Hkv, G, LC, dtype=torch.float32, device=q.device)
     m = torch.empty(B, Hkv, G, S, dtype=torch.float32, device=q.device)
     l = torch.empty_like(m)
     _scores_kernel[(B, Hkv, S)](
         q, k_cache, _scales_arg(k_scales, k_cache), block_tables, lengths, lse, m, l, scale, block_tables.shape[1],
-        per_split, LC, HKV=Hkv, G=G, D=D, BS=bs, BG=_pad_rows(G), BLOCK_N=BLOCK_N, C=chunk_tokens,
+        per_split, LC, HKV=Hkv, G=G, D=D, BS=bs, BG=_pad_rows(G), BLOCK_N=SCAN_TILE, C=chunk_tokens,
         PREC=_dot_precision(q.dtype), KQ=k_scales is not None, num_warps=4, num_stages=3,
     )
     return lse, m, l
