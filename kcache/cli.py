@@ -133,7 +133,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from pydantic import ValidationError
 
     from kcache.cache.kv import KVCacheDtypeError
-    from kcache.distributed.sharding import TensorParallelError
+    from kcache.models.sharding import TensorParallelError
     from kcache.engine.llm_engine import RequestError
     from kcache.engine.memory import CacheTooSmallError, HostMemoryError
     from kcache.models.config import UnsupportedModelError

@@ -9,7 +9,7 @@ import torch
 from kcache import LLMEngine, SamplingParams
 from kcache.cli import Parser, add_engine_args, engine_config_from_args
 from kcache.config import EngineConfig, KCacheConfig
-from kcache.distributed.sharding import TensorParallelError
+from kcache.models.sharding import TensorParallelError
 from kcache.engine.sequence import Sequence
 
 from conftest import save_tiny

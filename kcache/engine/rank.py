@@ -6,10 +6,10 @@ from dataclasses import dataclass
 import torch
 
 from kcache.config import EngineConfig
-from kcache.distributed import comm, sharding
+from kcache.distributed import comm
 from kcache.engine.memory import PoolPlan
 from kcache.engine.model_runner import ModelRunner, build_runner
-from kcache.models import loader
+from kcache.models import loader, sharding
 
 
 @dataclass

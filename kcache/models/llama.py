@@ -5,7 +5,7 @@ the cache object, which knows where K and V live. Parameter names match Hugging 
 state dict loads as it is.
 
 Under tensor parallelism (`tp_size > 1`) each rank builds this model from its shard's config (fewer heads and
-MLP features, see kcache.distributed.sharding): o_proj and down_proj then produce partial sums, all-reduced
+MLP features, see kcache.models.sharding): o_proj and down_proj then produce partial sums, all-reduced
 here, and the LM head holds a slice of the vocabulary, gathered on rank 0.
 """
 from __future__ import annotations
@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from kcache.distributed import comm
-from kcache.distributed.sharding import vocab_rows
+from kcache.models.sharding import vocab_rows
 from kcache.models.config import ModelConfig
 
 

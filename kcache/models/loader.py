@@ -15,7 +15,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no hub access at run time, ever
 
 import torch
 
-from kcache.distributed.sharding import resolve_device, shard_config, shard_tensors
+from kcache.models.sharding import resolve_device, shard_config, shard_tensors
 from kcache.models.config import ModelConfig, UnsupportedModelError
 from kcache.models.llama import LlamaForCausalLM, rope_inv_freq
 from kcache.models.presets import PRESETS
