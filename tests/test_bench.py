@@ -87,3 +87,5 @@ def test_shared_prefix_workload_hits_the_cache_and_cuts_ttft(tiny_chat_model, tm
     assert plain["prefill_tokens"] == 4 * 200 and cached["prefill_tokens"] == 200 + 3 * 8
     assert "mean_ttft_after_first_s" in data["ratios"]["kcache: prefix/none"]
     assert cached["requests"] == plain["requests"] == 4
+    # float32 on the CPU: the cached prefix's K/V are the values a fresh prefill computes, so every greedy output agrees
+    assert data["ratios"]["kcache: prefix/none"]["same_greedy_outputs"] == 1.0

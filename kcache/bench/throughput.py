@@ -8,7 +8,8 @@ of the attention the top N keep and how often consecutive steps select the same 
 `--shared-prefix-len P` models questions over one long document: every prompt starts with the same P tokens and
 goes on with its own --input-len tokens; the first request runs alone until its first token, then the others
 arrive. `--compare-prefix-caching` runs each cache mode with the prefix cache on and off, for their TTFT (the
-mean over the requests after the first is the number prefix caching changes) and for throughput without sharing.
+mean over the requests after the first is the number prefix caching changes), for throughput without sharing, and
+for whether each request's greedy output came out the same (`same_greedy_outputs`, the share of requests).
 """
 from __future__ import annotations
 
@@ -98,7 +99,8 @@ def percentile(values: list[float], q: float) -> float:
     return s[min(len(s) - 1, int(round(q / 100 * (len(s) - 1))))]
 
 
-def run_mode(cfg, loaded, args, text: str | None) -> dict:
+def run_mode(cfg, loaded, args, text: str | None) -> tuple[dict, list[list[int]]]:
+    """One engine's run: its summary and each request's output tokens, in submission order."""
     from kcache.engine.llm_engine import LLMEngine
 
     engine = LLMEngine(cfg, loaded)
@@ -113,9 +115,9 @@ def run_mode(cfg, loaded, args, text: str | None) -> dict:
             torch.cuda.empty_cache()
 
 
-def measure(engine, requests, first_alone: bool = False) -> dict:
+def measure(engine, requests, first_alone: bool = False) -> tuple[dict, list[list[int]]]:
     """Submit every request at once (or the first alone, the others once it has its first token), step until all
-    finish; the summary of the run."""
+    finish; the summary of the run and the output tokens of each request, in submission order."""
     from kcache.config import SamplingParams
 
     if engine.device.type == "cuda":
@@ -142,7 +144,7 @@ def measure(engine, requests, first_alone: bool = False) -> dict:
         torch.cuda.synchronize()
     rank = {rid: i for i, rid in enumerate(order)}
     finished.sort(key=lambda o: rank[o.request_id])  # in submission order: the first request's TTFT comes first
-    return summarize(engine, finished, steps, time.perf_counter() - t0)
+    return summarize(engine, finished, steps, time.perf_counter() - t0), [list(o.token_ids) for o in finished]
 
 
 def summarize(engine, finished, steps, elapsed: float) -> dict:
@@ -241,12 +243,12 @@ def run(args) -> int:
     def name(cache: str, cached: bool) -> str:
         return f"{cache}/{'prefix' if cached else 'no-prefix'}" if len(prefix) > 1 else cache
 
-    results = {}
+    results, outputs = {}, {}
     for cache in caches:
         for cached in prefix:
             cfg = base.model_copy(update={"cache": cache, "enable_prefix_caching": cached,
                                           "max_model_len": base.max_model_len or longest})
-            results[name(cache, cached)] = run_mode(cfg, loaded, args, text)
+            results[name(cache, cached)], outputs[name(cache, cached)] = run_mode(cfg, loaded, args, text)
     ratios = {}
     if args.compare:
         for cached in prefix:
@@ -254,8 +256,14 @@ def run(args) -> int:
             ratios[f"{a}/{b}"] = _ratio(results[a], results[b])
     if args.compare_prefix_caching:
         for cache in caches:
-            ratios[f"{cache}: prefix/none"] = _ratio(results[name(cache, True)], results[name(cache, False)])
+            on, off = outputs[name(cache, True)], outputs[name(cache, False)]
+            ratios[f"{cache}: prefix/none"] = {**_ratio(results[name(cache, True)], results[name(cache, False)]),
+                                               "same_greedy_outputs": sum(a == b for a, b in zip(on, off)) / len(on)}
     print_table(results, ratios)
+    for key, r in ratios.items():
+        if "same_greedy_outputs" in r:
+            print(f"{key}: same greedy outputs with and without the prefix cache for "
+                  f"{r['same_greedy_outputs']:.0%} of the requests")
     if args.output_json:
         payload = {"command": args.command_line,
                    "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
