@@ -3,7 +3,8 @@
 One registered host V pool and one device K pool, laid out as the engine lays them out (`[layers, blocks, 8, 16,
 128]`, bf16), block tables a random permutation (a long-running, fragmented pool). For each (chunk_tokens, top_n)
 it prints ms per step for the K scan, the top-N selection, the gather and the whole op, the gather's host read rate,
-and FullKV at the batch that fits on the device beside its V. Floors: the scan reads every K byte once from HBM; the
+and FullKV at the batch that fits on the device beside its V; then the whole op with the batch in 1, 2 or 4 slices
+(OVERLAP_SLICES: host copies beside the next slice's scan). Floors: the scan reads every K byte once from HBM; the
 gather reads `budget` V rows per KV head from host memory at PCIe speed (47 GB/s measured on the lent H200).
 
     python benchmarks/kcache_step_probe.py [BATCH CONTEXT [parts]]  # default 25 32768; parts: the gather's parts only
@@ -57,6 +58,7 @@ def kcache_rows(batch: int, context: int, hbm: float, parts_only: bool = False) 
         print(json.dumps(rows[-1]), flush=True)
     if not parts_only:
         rows += stage_sweep(q, k, v, tables, lens, scale)
+        rows += overlap_sweep(q, k, v, tables, lens)
     rows += gather_parts(q, k, v, tables, lens, scale, nb)
     del k
     torch.cuda.cudart().cudaHostUnregister(v.data_ptr())
@@ -78,6 +80,21 @@ def stage_sweep(q, k, v, tables, lens, scale) -> list[dict]:
                     "gather_GBps": q.shape[0] * LAYERS * HKV * cfg.budget * D * 2 / ms / 1e6})
         print(json.dumps(out[-1]), flush=True)
     td.STAGE_ROWS, td.STAGE_WARPS = default
+    return out
+
+
+def overlap_sweep(q, k, v, tables, lens) -> list[dict]:
+    """The whole op with the batch in slices whose host copies overlap the next slice's scan (chunks of 8)."""
+    out = []
+    default = td.OVERLAP_SLICES
+    for top_n in (64, 256):
+        cfg = KCacheConfig(top_n=top_n, chunk_tokens=8)
+        for slices in (1, 2, 4):
+            td.OVERLAP_SLICES = slices
+            ms = per_step_ms(lambda: [td.kcache_decode(q, k[l], v[l], tables, lens, cfg) for l in range(LAYERS)])
+            out.append({"overlap_slices": slices, "top_n": top_n, "chunk_tokens": 8, "total_ms": ms})
+            print(json.dumps(out[-1]), flush=True)
+    td.OVERLAP_SLICES = default
     return out
 
 

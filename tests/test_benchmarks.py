@@ -10,10 +10,8 @@ import pytest
 import torch
 
 
-from conftest import save_tiny
-
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
-NEEDS_TRITON = {"host_pool_probe", "overlap_probe", "attention_microbench", "kcache_step_probe", "tile_probe"}
+NEEDS_TRITON = {"host_pool_probe", "attention_microbench", "kcache_step_probe", "tile_probe"}
 SCRIPTS = sorted(p.stem for p in BENCHMARKS.glob("*.py"))
 
 

@@ -15,13 +15,16 @@ kcache.attention.reference) are dequantised on load: the K tile goes into the do
 exact in bf16 and float32) and each row's scale multiplies its logit; a V row's scale multiplies its weight. That is
 the reference's dequantise-then-multiply, reassociated. The flags KQ / VQ (constexpr) say which pools are FP8.
 
-KCache decode runs four launches (a merge level more for very long contexts):
+KCache decode runs five launches (a merge level more for very long contexts):
   scores  K tiles -> each chunk's log-sum-exp of scaled logits [B, Hkv, G, L/c] + per-split (max, sum-exp), so the
           softmax is exact and the ranking reads 1/c of what token logits would take
   rank    chunk log-sum-exps -> chunk masses -> ranks (group sum or per head, sinks/recent forced) -> top per tile
   merge   top of the tiles' candidates (bitonic top-k in registers) -> chunks [B, Hkv, 1|G, NP]
-  gather  per selected chunk: its tokens' exact logits again from K (on the device), their softmax weights, and
-          their V rows as one contiguous read straight from pinned host memory (UVA); weighted sum, renormalisation
+  stage   each selected chunk's V rows as one contiguous read straight from pinned host memory (UVA) into a
+          device buffer: many small programs keep many PCIe reads in flight
+  sum     per selected chunk: its tokens' exact logits again from K (on the device), their softmax weights, the
+          weighted sum of the staged rows on the tensor cores, renormalisation
+With OVERLAP_SLICES > 1 the batch runs in slices, each slice's host copy on a side stream beside the next slice's scan.
 """
 from __future__ import annotations
 
@@ -50,6 +53,9 @@ STAGE_ROWS = 16  # V rows one staging program copies from host memory (whole chu
 STAGE_WARPS = 2
 MAX_SPLITS = 64  # bounds the reduce's register tile [splits, head_dim]
 PROGRAMS_PER_SM = 4  # split until batch * kv_heads * splits reaches this many programs per SM
+# KCache decode in this many batch slices, each slice's host copy on a side stream while the next slice's K scan
+# runs: PCIe and HBM are separate resources. 1: no slicing. Not yet measured on a GPU, so off.
+OVERLAP_SLICES = 1
 
 
 @functools.lru_cache
@@ -407,12 +413,18 @@ def select_chunks(lse, m, l, lengths, cfg: KCacheConfig):
     return cand.view(B, Hkv, rows // (B * Hkv), NP)
 
 
-def stage_chunks(keys, v_cache, block_tables, lengths, cfg: KCacheConfig) -> torch.Tensor:
-    """Copy the selected chunks' V rows from the (host) pool to the device: staged [B, Hkv, 1|G, NP * c, D], one
-    contiguous read per chunk."""
+def staging_buffer(keys, v_cache, cfg: KCacheConfig) -> torch.Tensor:
+    """Room on the device for the selected chunks' V rows: [B, Hkv, 1|G, NP * c, D]."""
+    B, Hkv, nsel, NP = keys.shape
+    return torch.empty(B, Hkv, nsel, NP * cfg.chunk_tokens, v_cache.shape[-1], dtype=v_cache.dtype, device=keys.device)
+
+
+def stage_chunks(keys, v_cache, block_tables, lengths, cfg: KCacheConfig, staged=None) -> torch.Tensor:
+    """Copy the selected chunks' V rows from the (host) pool to the device, one contiguous read per chunk, into
+    staged (a staging_buffer; a new one if None)."""
     B, Hkv, nsel, NP = keys.shape
     c, n, D = cfg.chunk_tokens, cfg.chunk_budget, v_cache.shape[-1]
-    staged = torch.empty(B, Hkv, nsel, NP * c, D, dtype=v_cache.dtype, device=keys.device)
+    staged = staging_buffer(keys, v_cache, cfg) if staged is None else staged
     ch = max(1, STAGE_ROWS // c)
     _stage_kernel[(B * Hkv * nsel, triton.cdiv(n, ch))](
         keys, v_cache, block_tables, lengths, staged, block_tables.shape[1], n, HKV=Hkv, D=D, BS=v_cache.shape[2],
@@ -456,9 +468,44 @@ def kcache_decode(q, k_cache, v_cache, block_tables, lengths, cfg: KCacheConfig,
     """
     D = q.shape[-1]
     scale = scale if scale is not None else 1.0 / math.sqrt(D)
+    slices = min(OVERLAP_SLICES, q.shape[0]) if q.is_cuda else 1
+    if slices > 1:
+        return _overlapped_decode(q, k_cache, v_cache, block_tables, lengths, cfg, scale, k_scales, slices)
     lse, m, l = chunk_scores(q, k_cache, block_tables, lengths, cfg.chunk_tokens, scale, k_scales)
     keys = select_chunks(lse, m, l, lengths, cfg)
     return gather_chunks(keys, q, k_cache, m, l, v_cache, block_tables, lengths, cfg, scale, k_scales)
+
+
+@functools.lru_cache
+def _side_stream(device: torch.device) -> torch.cuda.Stream:
+    return torch.cuda.Stream(device)
+
+
+def _overlapped_decode(q, k_cache, v_cache, block_tables, lengths, cfg: KCacheConfig, scale: float, k_scales,
+                       slices: int):
+    """kcache_decode over `slices` slices of the batch: slice i's host copy (a side stream) runs while slice i + 1's
+    K scan runs (this stream); each slice's weighted sum waits for its copy. Capturable in a CUDA graph (the side
+    stream forks from this one and joins it again)."""
+    main, side = torch.cuda.current_stream(q.device), _side_stream(q.device)
+    bounds = [q.shape[0] * i // slices for i in range(slices + 1)]
+    copies = []
+    for lo, hi in zip(bounds, bounds[1:]):
+        qs, tables, lens = q[lo:hi], block_tables[lo:hi], lengths[lo:hi]
+        lse, m, l = chunk_scores(qs, k_cache, tables, lens, cfg.chunk_tokens, scale, k_scales)
+        keys = select_chunks(lse, m, l, lens, cfg)
+        staged = staging_buffer(keys, v_cache, cfg)  # this stream's memory: reused only after the join below
+        side.wait_stream(main)  # the slice's keys are ready
+        with torch.cuda.stream(side):
+            stage_chunks(keys, v_cache, tables, lens, cfg, staged)
+        copied = torch.cuda.Event()
+        copied.record(side)
+        copies.append((qs, tables, lens, m, l, keys, staged, copied))
+    outs = []
+    for qs, tables, lens, m, l, keys, staged, copied in copies:
+        main.wait_event(copied)
+        outs.append(weighted_sum(keys, qs, k_cache, m, l, staged, tables, lens, cfg, scale, k_scales))
+    main.wait_stream(side)  # join: the capture of a CUDA graph must end on this stream
+    return tuple(torch.cat(parts) for parts in zip(*outs))
 
 
 @triton.jit
