@@ -107,6 +107,11 @@ class EngineConfig(_Frozen):
         description="auto: the cache in the model's dtype; fp8: K on the device as float8 e4m3 with one float32 "
         "scale per token and KV head (FullKV stores V the same way; KCache keeps its host V in the model's dtype)",
     )
+    host_v_dtype: Literal["auto", "fp8"] = Field(
+        "auto",
+        description="KCache's host V pool: auto: the model's dtype; fp8: float8 e4m3 with one float32 scale per token "
+        "and KV head, the scales on the device: half the host memory and half the bytes of each read",
+    )
     block_size: int = Field(16, ge=1)
     max_model_len: int | None = Field(None, ge=1, description="defaults to the model's context length")
     max_num_seqs: int = Field(256, ge=1)
@@ -127,4 +132,6 @@ class EngineConfig(_Frozen):
             raise ValueError("max_num_batched_tokens must be at least block_size")
         if self.cache == "kcache":
             self.kcache.check_block_size(self.block_size)
+        elif self.host_v_dtype != "auto":
+            raise ValueError("host_v_dtype is KCache's host V pool; the full cache has none (use kv_cache_dtype)")
         return self

@@ -93,7 +93,8 @@ def print_stats(engine, out, steps, seconds: float) -> None:
     decode_s = sum(s.seconds for s in decode_steps)
     rows = [
         ("cache", engine.cfg.cache + (_kcache_setting(engine.cfg.kcache) if engine.cfg.cache == "kcache" else "")
-         + (f", kv_cache_dtype={engine.cfg.kv_cache_dtype}" if engine.cfg.kv_cache_dtype != "auto" else "")),
+         + (f", kv_cache_dtype={engine.cfg.kv_cache_dtype}" if engine.cfg.kv_cache_dtype != "auto" else "")
+         + (f", host_v_dtype={engine.cfg.host_v_dtype}" if engine.cfg.host_v_dtype != "auto" else "")),
         ("prompt tokens", m["prompt_tokens"]),
         ("new tokens", f"{m['completion_tokens']} ({out.finish_reason})"),
         ("prefill seconds", f"{prefill:.3f}"),

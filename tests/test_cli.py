@@ -25,12 +25,14 @@ def assert_one_line_error(r, *words):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("cache_args", [["--cache", "kcache", "--top-n", "32"], ["--cache", "full"],
-                                        ["--cache", "kcache", "--kv-cache-dtype", "fp8"]])
+                                        ["--cache", "kcache", "--kv-cache-dtype", "fp8"],
+                                        ["--cache", "kcache", "--host-v-dtype", "fp8"]])
 def test_chat_names_paris_with_stats(cache_args):
     r = kcache("generate", "--chat", "What is the capital of France?", "--max-new-tokens", "32", *cache_args)
     assert r.returncode == 0, r.stderr
     assert "Paris" in r.stdout
-    assert ("kv_cache_dtype=fp8" in r.stderr) == ("fp8" in cache_args)
+    assert ("kv_cache_dtype=fp8" in r.stderr) == ("--kv-cache-dtype" in cache_args)
+    assert ("host_v_dtype=fp8" in r.stderr) == ("--host-v-dtype" in cache_args)
     for field in ("prompt tokens", "new tokens", "prefill seconds", "decode tokens/s", "device KV bytes", "host V bytes",
                   "attention mass kept"):
         assert field in r.stderr
@@ -57,6 +59,11 @@ def test_unsupported_architecture(tmp_path):
 
 def test_top_n_zero():
     assert_one_line_error(kcache("generate", "hi", "--top-n", "0"), "--top-n")
+
+
+def test_host_v_dtype_without_a_host_pool():
+    assert_one_line_error(kcache("generate", "hi", "--cache", "full", "--host-v-dtype", "fp8"), "host_v_dtype",
+                          "full cache")
 
 
 @pytest.mark.parametrize("chunk,words", [("6", ["chunk_tokens", "power of two"]),

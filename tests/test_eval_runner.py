@@ -72,13 +72,17 @@ def test_method_specs():
     assert k.family == "kcache:renormalize=false:dense_layers=2" and parse_method("kcache:16").family == "kcache"
     assert parse_method("full").config(30).dense_layers == 30
     assert parse_task("multihop:hops=2:chains=1").options == {"hops": 2, "chains": 1}
-    assert (parse_method("full").engine, parse_method("kcache:64").engine) == (("kcache", "auto"), ("kcache", "auto"))
+    plain = ("kcache", "auto", "auto")
+    assert (parse_method("full").engine, parse_method("kcache:64").engine) == (plain, plain)
     f8 = parse_method("full:kv_cache_dtype=fp8")
-    assert (f8.kcache, f8.engine, f8.family) == (None, ("full", "fp8"), "full:kv_cache_dtype=fp8")
+    assert (f8.kcache, f8.engine, f8.family) == (None, ("full", "fp8", "auto"), "full:kv_cache_dtype=fp8")
     k8 = parse_method("kcache:64:kv_cache_dtype=fp8")
-    assert (k8.kcache.top_n, k8.engine, k8.family) == (64, ("kcache", "fp8"), "kcache:kv_cache_dtype=fp8")
+    assert (k8.kcache.top_n, k8.engine, k8.family) == (64, ("kcache", "fp8", "auto"), "kcache:kv_cache_dtype=fp8")
+    v8 = parse_method("kcache:64:host_v_dtype=fp8")
+    assert (v8.kcache.top_n, v8.engine, v8.family) == (64, ("kcache", "auto", "fp8"), "kcache:host_v_dtype=fp8")
     for bad in ("kcache:top_n=-1", "stream:64", "full:64", "streaming", "kcache:64:oops", "multikey:hops=2",
-                "full:kv_cache_dtype=int8", "full:renormalize=false"):
+                "full:kv_cache_dtype=int8", "full:renormalize=false", "full:host_v_dtype=fp8",
+                "kcache:host_v_dtype=fp4"):
         with pytest.raises(ValueError):
             (parse_task if bad.startswith("multi") else parse_method)(bad)
 
@@ -103,20 +107,24 @@ def test_user_errors_are_one_line(tmp_path, capsys):
 
 
 def test_fp8_methods_decode_from_pools_of_their_own(tiny_chat_model, tmp_path):
-    """Each kv_cache_dtype gets its own prefilled pools: on the FP8-K engine, KCache keeping every token equals
-    exact attention over the same FP8 K; the FP8 caches differ from the reference, which stays exact."""
+    """Each storage gets its own prefilled pools: on the FP8-K engine, KCache keeping every token equals exact
+    attention over the same FP8 K; the FP8 caches (K, K and V, host V) differ from the reference, which stays
+    exact."""
     everything, exact = f"{EVERYTHING}:kv_cache_dtype=fp8", "kcache:dense_layers=3:kv_cache_dtype=fp8"
-    methods = ["full", "full:kv_cache_dtype=fp8", exact, everything]
+    host_v = f"{EVERYTHING}:host_v_dtype=fp8"
+    methods = ["full", "full:kv_cache_dtype=fp8", exact, everything, host_v]
     assert main(["eval", "--model", str(tiny_chat_model), "--out", str(tmp_path), "--task", "passkey", "--lengths",
                  "300", "--depths", "0.5", "--ppl-prefix", "256", "--ppl-tokens", "32", "--greedy-tokens", "4",
                  "--methods", *methods]) == 0
     results = json.loads((tmp_path / "results.json").read_text())["methods"]
     assert list(results) == methods
-    assert [results[m]["kv_cache_dtype"] for m in methods] == ["auto", "fp8", "fp8", "fp8"]
+    assert [results[m]["kv_cache_dtype"] for m in methods] == ["auto", "fp8", "fp8", "fp8", "auto"]
+    assert [results[m]["host_v_dtype"] for m in methods] == ["auto"] * 4 + ["fp8"]
     fid = {m: results[m]["fidelity"]["256"] for m in methods}
     assert fid["full"]["mean_kl"] == pytest.approx(0.0, abs=1e-12)
     assert fid["full:kv_cache_dtype=fp8"]["mean_kl"] > 0 and fid[exact]["mean_kl"] > 0  # FP8 rounding shows
     assert fid[everything]["mass_kept"] == pytest.approx(1.0, abs=1e-5)
+    assert fid[host_v]["mass_kept"] == pytest.approx(1.0, abs=1e-5) and fid[host_v]["mean_kl"] > 0
     assert fid[everything]["perplexity"] == pytest.approx(fid[exact]["perplexity"], rel=1e-4)
     records = [json.loads(line) for line in (tmp_path / "predictions.jsonl").read_text().splitlines()]
     assert sorted(r["method"] for r in records) == sorted(methods)

@@ -124,14 +124,37 @@ def test_fp8_pools_are_what_the_spec_counts(cache):
     assert c.device_bytes() == sum(t.numel() * t.element_size() for t in held)
 
 
-@pytest.mark.parametrize("cache", ["full", "kcache"])
-def test_fp8_cache_stores_quantised_rows_and_decodes_them(cache):
-    """Prefill two chunks, then a decode step, through the cache's attend: the pools hold each row's e4m3 rounding;
-    the second chunk attends to the first as stored and to itself exactly; decode reads every row as stored."""
+def test_fp8_host_v_halves_the_host_pool_and_keeps_its_scales_on_the_device():
+    m = _model(layers=3)
+    spec, plain = kv.cache_spec(m, torch.bfloat16, 1, "auto", "fp8"), kv.cache_spec(m, torch.bfloat16, 1)
+    host_layers = m.num_layers - 1
+    assert 2 * spec.host_bytes_per_token == plain.host_bytes_per_token == host_layers * m.num_kv_heads * m.head_dim * 2
+    assert spec.device_bytes_per_token == plain.device_bytes_per_token + host_layers * m.num_kv_heads * kv.SCALE_BYTES
+    c = kv.KCache(m, 5, 8, torch.bfloat16, "cpu", KCacheConfig(dense_layers=1, chunk_tokens=8), host_v_dtype="fp8")
+    assert c.v_host.dtype == torch.float8_e4m3fn and c.v_dense.dtype == c.k.dtype == torch.bfloat16
+    assert c.v_host_scales.shape == (host_layers, *c.k.shape[1:-1], 1) and c.v_host_scales.device == c.k.device
+    assert c.host_bytes() == c.v_host.numel() and c.host_bytes() * 2 == plain.host_bytes_per_token * c.num_tokens
+    assert c.device_bytes() == sum(t.numel() * t.element_size() for t in (c.k, c.v_dense, c.v_host_scales))
+    assert c.pools(0).v_scales is None and c.pools(1).v_scales is not None  # the dense layer's V is as the model's
+    with pytest.raises(ValueError, match="host_v_dtype"):
+        EngineConfig(cache="full", host_v_dtype="fp8")
+
+
+# K and V storage of each case: (cache, FP8 K, FP8 V)
+STORAGE = {"full": ("full", True, True), "kcache": ("kcache", True, False), "kcache-host-v": ("kcache", False, True)}
+
+
+@pytest.mark.parametrize("case", list(STORAGE))
+def test_fp8_cache_stores_quantised_rows_and_decodes_them(case):
+    """Prefill two chunks, then a decode step, through the cache's attend: the FP8 pools hold each row's e4m3
+    rounding; the second chunk attends to the first as stored and to itself exactly; decode reads every row as
+    stored (FullKV: K and V in FP8; KCache: FP8 K, or FP8 host V)."""
+    cache, fp8_k, fp8_v = STORAGE[case]
     m = _model(layers=1)
     bs, T = 8, 20
     c = (kv.FullKV(m, 6, bs, torch.float32, "cpu", kv_cache_dtype="fp8") if cache == "full" else
-         kv.KCache(m, 6, bs, torch.float32, "cpu", KCacheConfig(top_n=64, chunk_tokens=1), kv_cache_dtype="fp8"))
+         kv.KCache(m, 6, bs, torch.float32, "cpu", KCacheConfig(top_n=64, chunk_tokens=1),
+                   kv_cache_dtype="fp8" if fp8_k else "auto", host_v_dtype="fp8" if fp8_v else "auto"))
     g = torch.Generator().manual_seed(4)
     q, k, v = (torch.randn(T + 1, h, m.head_dim, generator=g) for h in (m.num_heads, m.num_kv_heads, m.num_kv_heads))
     table = torch.tensor([[3, 0, 5]], dtype=torch.int32)
@@ -140,9 +163,11 @@ def test_fp8_cache_stores_quantised_rows_and_decodes_them(cache):
         batch = kv.StepBatch(True, slots[start:start + n], table, torch.tensor([start + n], dtype=torch.int32),
                              chunk_starts=(0,), chunk_lens=(n,), context_lens=(start,))
         out = c.attend(0, q[start:start + n], k[start:start + n], v[start:start + n], batch)
-    k_stored = ref.dequantize(*ref.quantize(k), torch.float32)
-    v_stored = ref.dequantize(*ref.quantize(v), torch.float32) if cache == "full" else v
-    assert torch.equal(ref.read_rows(c.k[0], slots[:T], c.k_scales[0], torch.float32), k_stored[:T])
+    stored = lambda x, fp8: ref.dequantize(*ref.quantize(x), torch.float32) if fp8 else x  # noqa: E731
+    k_stored, v_stored = stored(k, fp8_k), stored(v, fp8_v)
+    pools = c.pools(0)
+    assert torch.equal(ref.read_rows(pools.k, slots[:T], pools.k_scales, torch.float32), k_stored[:T])
+    assert torch.equal(ref.read_rows(pools.v, slots[:T], pools.v_scales, torch.float32), v_stored[:T])
     # the second chunk: the first chunk's rows as stored, its own exactly
     k_seen, v_seen = torch.cat([k_stored[:12], k[12:T]]), torch.cat([v_stored[:12], v[12:T]])
     assert torch.allclose(out, ref.prefill_attention(q[12:T], k_seen, v_seen, 12), atol=1e-6)
@@ -228,6 +253,25 @@ def test_triton_kcache_decode_scans_fp8_k_like_the_reference(selection, chunk):
                                                    cpu["lens"], cfg, k_scales=cpu["ks"])
     assert _rel(out, want) < 1e-5 and _rel(mass, want_mass) < 1e-5
     assert torch.equal(rows.cpu(), want_rows)
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])  # float16: the tensor-core sum of split weights
+@pytest.mark.parametrize("chunk", [1, 8])
+def test_triton_kcache_decode_reads_fp8_v_like_the_reference(dtype, chunk):
+    """K in the model's dtype, V FP8 with its scales: the stage copies e4m3 rows, the sum folds each row's scale into
+    its weight; the float64 reference over the same pools gives the same outputs, masses and rows read."""
+    from kcache.attention import triton_decode as td
+
+    c = _kernel_case([3, 100, 200], seed=8, dtype=dtype)
+    k = c["k_deq"].to(dtype).to(c["q"].device)
+    cfg = KCacheConfig(top_n=32, chunk_tokens=chunk, sink_tokens=2)
+    out, mass, rows = td.kcache_decode(c["q"], k, c["v8"], c["tables"], c["lens"], cfg, v_scales=c["vs"])
+    cpu = {n: t.cpu() for n, t in c.items()}
+    want, want_mass, want_rows = ref.kcache_decode(cpu["q"].double(), k.cpu().double(), cpu["v8"], cpu["tables"],
+                                                   cpu["lens"], cfg, v_scales=cpu["vs"])
+    assert out.dtype == dtype and _rel(out, want) < (1e-5 if dtype == torch.float32 else 2e-3)
+    assert _rel(mass, want_mass) < 3e-5 and torch.equal(rows.cpu(), want_rows)  # float32 softmax against float64
 
 
 @needs_triton

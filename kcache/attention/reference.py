@@ -167,33 +167,39 @@ def kcache_attend(q, k, valid, lengths, read_v, cfg: KCacheConfig, scale=None):
     return out.reshape(B, H, D).to(q.dtype), mass.reshape(B, H), rows
 
 
-def pool_v_reader(v_cache: torch.Tensor, slots: torch.Tensor, out_device):
-    """read_v for a paged pool [blocks, Hkv, bs, D]: positions -> slots -> rows. slots [B or 1, L].
+def pool_v_reader(v_cache: torch.Tensor, slots: torch.Tensor, out_device, v_scales: torch.Tensor | None = None):
+    """read_v for a paged pool [blocks, Hkv, bs, D]: positions -> slots -> rows (dequantised in float32 where the
+    pool is FP8, v_scales its scales pool, which may live elsewhere). slots [B or 1, L].
 
     PyTorch cannot index a host tensor with device indices, so the reference moves the small index tensor to
     the pool and the rows back; the Triton kernel reads the host rows in place instead.
     """
     Hkv, bs = v_cache.shape[1], v_cache.shape[2]
 
+    def gather(pool: torch.Tensor, sel: torch.Tensor) -> torch.Tensor:  # sel [B, Hkv, S, n] -> [B, Hkv, S, n, D]
+        sel = sel.to(pool.device)
+        head = torch.arange(Hkv, device=pool.device).view(1, Hkv, 1, 1)
+        return pool[sel // bs, head, sel % bs].to(out_device, non_blocking=True)
+
     def read_v(idx: torch.Tensor) -> torch.Tensor:
         B, _, S, n = idx.shape
-        sel = slots.expand(B, -1).gather(1, idx.reshape(B, -1)).view(B, Hkv, S, n).to(v_cache.device)  # [B, Hkv, S, n]
-        head = torch.arange(Hkv, device=v_cache.device).view(1, Hkv, 1, 1)
-        rows = v_cache[sel // bs, head, sel % bs]  # [B, Hkv, S, n, D]
-        return rows.to(out_device, non_blocking=True)
+        sel = slots.expand(B, -1).gather(1, idx.reshape(B, -1)).view(B, Hkv, S, n)  # [B, Hkv, S, n]
+        rows = gather(v_cache, sel)
+        return rows if v_scales is None else dequantize(rows, gather(v_scales, sel), torch.float32)
 
     return read_v
 
 
-def kcache_decode(q, k_cache, v_cache, block_tables, lengths, cfg: KCacheConfig, scale=None, k_scales=None):
+def kcache_decode(q, k_cache, v_cache, block_tables, lengths, cfg: KCacheConfig, scale=None, k_scales=None,
+                  v_scales=None):
     """KCache decode over paged pools: q [B, H, D] -> (out [B, H, D], mass_kept [B, H] float32, V rows read [B]).
 
-    k_cache lives on q's device (FP8 with its scales pool k_scales, or not), v_cache may live in host memory; only
-    the selected V rows are read.
+    k_cache lives on q's device (FP8 with its scales pool k_scales, or not), v_cache may live in host memory (FP8
+    with its scales pool v_scales on q's device, or not); only the selected V rows are read.
     """
     slots, valid = token_slots(block_tables, lengths, k_cache.shape[2])
     k = read_rows(k_cache, slots, k_scales, torch.float32).transpose(1, 2)  # [B, Hkv, L, D]; the scores are float32
-    return kcache_attend(q, k, valid, lengths, pool_v_reader(v_cache, slots, q.device), cfg, scale)
+    return kcache_attend(q, k, valid, lengths, pool_v_reader(v_cache, slots, q.device, v_scales), cfg, scale)
 
 
 def prefill_attention(q, k, v, start: int, scale=None):

@@ -289,10 +289,10 @@ def _stage_kernel(keys, v_cache, block_tables, lengths, staged, max_blocks, n, H
 
 @triton.jit
 def _gather_kernel(
-    keys, q, k_cache, k_scales, m_in, l_in, staged, block_tables, lengths, out, mass, rows_read, scale, max_blocks,
-    S, n, HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BS: tl.constexpr, BG: tl.constexpr, SP: tl.constexpr,
-    NP: tl.constexpr, C: tl.constexpr, TILE: tl.constexpr, GROUP: tl.constexpr, RENORM: tl.constexpr,
-    PREC: tl.constexpr, KQ: tl.constexpr, SPLIT: tl.constexpr,
+    keys, q, k_cache, k_scales, v_scales, m_in, l_in, staged, block_tables, lengths, out, mass, rows_read, scale,
+    max_blocks, S, n, HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BS: tl.constexpr, BG: tl.constexpr,
+    SP: tl.constexpr, NP: tl.constexpr, C: tl.constexpr, TILE: tl.constexpr, GROUP: tl.constexpr,
+    RENORM: tl.constexpr, PREC: tl.constexpr, KQ: tl.constexpr, VQ: tl.constexpr, SPLIT: tl.constexpr,
 ):
     """Weighted sum over one selection's chunks, their V rows staged on the device by _stage_kernel.
 
@@ -300,9 +300,10 @@ def _gather_kernel(
     keys [B, Hkv, 1|G, NP] hold the selected chunks in their low 32 bits (-1: none), the first n of them used,
     TILE at a time. Each token's weight is its exact softmax weight: its logit again from K (a device read of the
     few selected rows), normalised by the scan's global max and sum. rows_read [B, Hkv, 1|G] counts the V rows read.
-    SPLIT (16-bit V): each float32 weight w is summed as hi + lo, hi = w rounded to V's dtype and lo = the rest
-    rounded again, so two tensor-core dots with float32 accumulation give the float32 sum to ~2^-16 of w; a float32
-    dot ("ieee") cannot use the tensor cores.
+    VQ: the staged rows are FP8, each row's scale (v_scales, on the device) goes onto its weight.
+    SPLIT (16-bit q): V in q's dtype (exact: 16-bit V, or e4m3), each float32 weight w summed as hi + lo, hi = w
+    rounded to that dtype and lo = the rest rounded again, so two tensor-core dots with float32 accumulation give
+    the float32 sum to ~2^-16 of w; a float32 dot ("ieee") cannot use the tensor cores.
     """
     b, h, sel = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     bh = b * HKV + h
@@ -323,14 +324,18 @@ def _gather_kernel(
         key = tl.load(keys + (bh * tl.num_programs(2) + sel) * NP + j, mask=j < n, other=-1)
         chunk = key.to(tl.int32)  # truncation keeps the low 32 bits; -1 stays -1
         pos = tl.where(chunk >= 0, chunk * C + r % C, length)  # no chunk: a position past the sequence
-        x, _, valid = _tile_logits(qv, k_cache, k_scales, table_row, pos, length, scale, h, HKV, D, BS, PREC, KQ)
+        x, rows, valid = _tile_logits(qv, k_cache, k_scales, table_row, pos, length, scale, h, HKV, D, BS, PREC, KQ)
         w = tl.exp(tl.where(mine[:, None], x, float("-inf")) - top[:, None]) / z[:, None]  # [BG, TILE * C]
         v = tl.load(staged + (base + c0 * C + r)[:, None] * D + d[None, :], mask=valid[:, None], other=0.0)
+        wv = w
+        if VQ:  # the V scales pool has the K pool's layout: the same rows
+            wv = w * tl.load(v_scales + rows, mask=valid, other=0.0)[None, :]
         if SPLIT:
-            hi = w.to(v.dtype)
-            acc += tl.dot(hi, v) + tl.dot((w - hi.to(tl.float32)).to(v.dtype), v)
+            v = v.to(qv.dtype)
+            hi = wv.to(qv.dtype)
+            acc += tl.dot(hi, v) + tl.dot((wv - hi.to(tl.float32)).to(qv.dtype), v)
         else:
-            acc += tl.dot(w, v.to(tl.float32), input_precision="ieee")  # float32 like the reference
+            acc += tl.dot(wv, v.to(tl.float32), input_precision="ieee")  # float32 like the reference
         kept += tl.sum(w, 1)
         read += tl.sum(valid.to(tl.int32), 0)
     if RENORM:
@@ -434,8 +439,9 @@ def stage_chunks(keys, v_cache, block_tables, lengths, cfg: KCacheConfig, staged
 
 
 def weighted_sum(keys, q, k_cache, m, l, staged, block_tables, lengths, cfg: KCacheConfig, scale: float,
-                 k_scales=None):
-    """The weighted sums over the staged chunks -> (out [B, H, D], mass [B, H] float32, V rows read [B] int32)."""
+                 k_scales=None, v_scales=None):
+    """The weighted sums over the staged chunks (FP8 rows with their scales pool v_scales, or not) -> (out [B, H, D],
+    mass [B, H] float32, V rows read [B] int32)."""
     B, H, D, bs, Hkv, G, L = _shapes(q, k_cache, block_tables)
     nsel, NP = keys.shape[2], keys.shape[3]
     c = cfg.chunk_tokens
@@ -443,37 +449,38 @@ def weighted_sum(keys, q, k_cache, m, l, staged, block_tables, lengths, cfg: KCa
     mass = torch.empty(B, H, dtype=torch.float32, device=q.device)
     rows = torch.empty(B, Hkv, nsel, dtype=torch.int32, device=q.device)
     _gather_kernel[(B, Hkv, nsel)](
-        keys, q, k_cache, _scales_arg(k_scales, k_cache), m, l, staged, block_tables, lengths, out, mass, rows, scale,
-        block_tables.shape[1], m.shape[-1], cfg.chunk_budget, HKV=Hkv, G=G, D=D, BS=bs, BG=_pad_rows(G),
-        SP=triton.next_power_of_2(m.shape[-1]), NP=NP, C=c, TILE=max(1, min(NP, GATHER_ROWS // c)),
+        keys, q, k_cache, _scales_arg(k_scales, k_cache), _scales_arg(v_scales, k_cache), m, l, staged, block_tables,
+        lengths, out, mass, rows, scale, block_tables.shape[1], m.shape[-1], cfg.chunk_budget, HKV=Hkv, G=G, D=D, BS=bs,
+        BG=_pad_rows(G), SP=triton.next_power_of_2(m.shape[-1]), NP=NP, C=c, TILE=max(1, min(NP, GATHER_ROWS // c)),
         GROUP=cfg.selection == "group", RENORM=cfg.renormalize, PREC=_dot_precision(q.dtype), KQ=k_scales is not None,
-        SPLIT=SPLIT_WEIGHTS and staged.element_size() == 2, num_warps=GATHER_WARPS,
+        VQ=v_scales is not None, SPLIT=SPLIT_WEIGHTS and q.element_size() == 2, num_warps=GATHER_WARPS,
     )
     return out, mass, rows.sum((1, 2), dtype=torch.int32)
 
 
 def gather_chunks(keys, q, k_cache, m, l, v_cache, block_tables, lengths, cfg: KCacheConfig, scale: float,
-                  k_scales=None):
+                  k_scales=None, v_scales=None):
     """The selected chunks' V read from the pool and summed with their exact weights -> (out [B, H, D], mass [B, H]
     float32, V rows read [B] int32)."""
     staged = stage_chunks(keys, v_cache, block_tables, lengths, cfg)
-    return weighted_sum(keys, q, k_cache, m, l, staged, block_tables, lengths, cfg, scale, k_scales)
+    return weighted_sum(keys, q, k_cache, m, l, staged, block_tables, lengths, cfg, scale, k_scales, v_scales)
 
 
-def kcache_decode(q, k_cache, v_cache, block_tables, lengths, cfg: KCacheConfig, scale=None, k_scales=None):
+def kcache_decode(q, k_cache, v_cache, block_tables, lengths, cfg: KCacheConfig, scale=None, k_scales=None,
+                  v_scales=None):
     """KCache decode over paged pools: q [B, H, D] -> (out [B, H, D], mass_kept [B, H] float32, V rows read [B]).
 
     k_cache lives on the GPU (FP8 with its scales pool k_scales, or not); v_cache may be a pinned (or
-    cudaHostRegister-ed) CPU tensor, read in place.
+    cudaHostRegister-ed) CPU tensor, read in place (FP8 with its scales pool v_scales on the GPU, or not).
     """
     D = q.shape[-1]
     scale = scale if scale is not None else 1.0 / math.sqrt(D)
     slices = min(OVERLAP_SLICES, q.shape[0]) if q.is_cuda else 1
     if slices > 1:
-        return _overlapped_decode(q, k_cache, v_cache, block_tables, lengths, cfg, scale, k_scales, slices)
+        return _overlapped_decode(q, k_cache, v_cache, block_tables, lengths, cfg, scale, k_scales, v_scales, slices)
     lse, m, l = chunk_scores(q, k_cache, block_tables, lengths, cfg.chunk_tokens, scale, k_scales)
     keys = select_chunks(lse, m, l, lengths, cfg)
-    return gather_chunks(keys, q, k_cache, m, l, v_cache, block_tables, lengths, cfg, scale, k_scales)
+    return gather_chunks(keys, q, k_cache, m, l, v_cache, block_tables, lengths, cfg, scale, k_scales, v_scales)
 
 
 @functools.lru_cache
@@ -482,7 +489,7 @@ def _side_stream(device: torch.device) -> torch.cuda.Stream:
 
 
 def _overlapped_decode(q, k_cache, v_cache, block_tables, lengths, cfg: KCacheConfig, scale: float, k_scales,
-                       slices: int):
+                       v_scales, slices: int):
     """kcache_decode over `slices` slices of the batch: slice i's host copy (a side stream) runs while slice i + 1's
     K scan runs (this stream); each slice's weighted sum waits for its copy. Capturable in a CUDA graph (the side
     stream forks from this one and joins it again)."""
@@ -503,7 +510,7 @@ def _overlapped_decode(q, k_cache, v_cache, block_tables, lengths, cfg: KCacheCo
     outs = []
     for qs, tables, lens, m, l, keys, staged, copied in copies:
         main.wait_event(copied)
-        outs.append(weighted_sum(keys, qs, k_cache, m, l, staged, tables, lens, cfg, scale, k_scales))
+        outs.append(weighted_sum(keys, qs, k_cache, m, l, staged, tables, lens, cfg, scale, k_scales, v_scales))
     main.wait_stream(side)  # join: the capture of a CUDA graph must end on this stream
     return tuple(torch.cat(parts) for parts in zip(*outs))
 

@@ -104,17 +104,22 @@ class CacheSpec:
         return self.host_bytes_per_token * block_size
 
 
-def cache_spec(model: ModelConfig, dtype: torch.dtype, dense_layers: int | None,
-               kv_cache_dtype: Literal["auto", "fp8"] = "auto") -> CacheSpec:
+def cache_spec(model: ModelConfig, dtype: torch.dtype, dense_layers: int | None, kv_cache_dtype: str = "auto",
+               host_v_dtype: str = "auto") -> CacheSpec:
     """The spec of a cache for `model` (under TP one rank's shard). K of every layer is on the device; so is V of
     every layer for FullKV (dense_layers None), and of the first `dense_layers` layers only for KCache. FP8 rows take
-    one byte per element plus their scale; FullKV's V is stored as its K is, KCache's V (host or dense) as `dtype`."""
+    one byte per element plus their scale; FullKV's V is stored as its K is, KCache's dense V as `dtype` and its host
+    V as `host_v_dtype` says (FP8: the rows on the host, their scales on the device)."""
     plain = model.num_kv_heads * model.head_dim * torch.empty((), dtype=dtype).element_size()  # one token, one layer
     k_row = model.num_kv_heads * (model.head_dim + SCALE_BYTES) if kv_cache_dtype == "fp8" else plain
     if dense_layers is None:
         return CacheSpec(2 * model.num_layers * k_row, 0)
     dense = min(dense_layers, model.num_layers)
-    return CacheSpec(model.num_layers * k_row + dense * plain, (model.num_layers - dense) * plain)
+    host_layers = model.num_layers - dense
+    if host_v_dtype == "fp8":
+        return CacheSpec(model.num_layers * k_row + dense * plain + host_layers * model.num_kv_heads * SCALE_BYTES,
+                         host_layers * model.num_kv_heads * model.head_dim)
+    return CacheSpec(model.num_layers * k_row + dense * plain, host_layers * plain)
 
 
 class PagedKVCache:
@@ -149,7 +154,7 @@ class PagedKVCache:
         raise NotImplementedError
 
     def pools(self, layer: int) -> LayerPools:
-        """The layer's pools; V's scales where V is FP8 (FullKV only)."""
+        """The layer's pools, with the scales pools of those that are FP8 (each subclass adds V's)."""
         return LayerPools(self.k[layer], self.v_layer(layer), None if self.k_scales is None else self.k_scales[layer],
                           None)
 
@@ -260,15 +265,21 @@ class KCache(PagedKVCache):
     """K on the device; V in host memory except for the first `dense_layers` layers; top-N decode.
     """
 
-    def __init__(self, cfg, num_blocks, block_size, dtype, device, kcfg: KCacheConfig, kv_cache_dtype="auto"):
+    def __init__(self, cfg, num_blocks, block_size, dtype, device, kcfg: KCacheConfig, kv_cache_dtype="auto",
+                 host_v_dtype="auto"):
         super().__init__(cfg, num_blocks, block_size, dtype, device, kv_cache_dtype)
         kcfg.check_block_size(block_size)
         self.kcfg = kcfg  # replaced only through use()
         self.dense = min(kcfg.dense_layers, cfg.num_layers)  # layers whose V pool is on the device
-        self.spec = cache_spec(cfg, dtype, kcfg.dense_layers, kv_cache_dtype)
+        self.spec = cache_spec(cfg, dtype, kcfg.dense_layers, kv_cache_dtype, host_v_dtype)
         shape = self.k.shape[1:]
         self.v_dense = torch.empty((self.dense, *shape), dtype=dtype, device=self.device)
-        self.v_host = host_empty((cfg.num_layers - self.dense, *shape), dtype, self.device)
+        host_fp8 = host_v_dtype == "fp8"
+        if host_fp8:
+            check_fp8(self.device)
+        host_layers = cfg.num_layers - self.dense
+        self.v_host = host_empty((host_layers, *shape), reference.FP8 if host_fp8 else dtype, self.device)
+        self.v_host_scales = self._scales_pool(host_layers) if host_fp8 else None  # on the device
         self._mass_buffer: torch.Tensor | None = None  # [layers, B, H] float32
         self._rows_buffer: torch.Tensor | None = None  # [layers, B] int32: V rows read from the host pool
         self.mass = self.rows = None  # views of the buffers for the step's batch
@@ -289,6 +300,11 @@ class KCache(PagedKVCache):
 
     def v_layer(self, layer):
         return self.v_dense[layer] if layer < self.dense else self.v_host[layer - self.dense]
+
+    def pools(self, layer):
+        k = super().pools(layer)
+        host_fp8 = layer >= self.dense and self.v_host_scales is not None
+        return LayerPools(k.k, k.v, k.k_scales, self.v_host_scales[layer - self.dense] if host_fp8 else None)
 
     def plan(self, batch_size: int) -> None:
         """Fresh per-layer records of the mass kept, [layers, B, H] (1.0 for exact layers), and of the V rows read,
@@ -329,10 +345,11 @@ class KCache(PagedKVCache):
 
     def _decode(self, layer, q, pools: LayerPools, batch):
         if self._exact(layer):
-            return self.ops.full_decode(q, pools.k, pools.v, batch.block_tables, batch.lengths, k_scales=pools.k_scales)
+            return self.ops.full_decode(q, pools.k, pools.v, batch.block_tables, batch.lengths, k_scales=pools.k_scales,
+                                        v_scales=pools.v_scales)
         ops = reference if self.kcfg.selection == "random" else self.ops  # the baseline has no kernel
         out, mass, rows = ops.kcache_decode(q, pools.k, pools.v, batch.block_tables, batch.lengths, self.kcfg,
-                                            k_scales=pools.k_scales)
+                                            k_scales=pools.k_scales, v_scales=pools.v_scales)
         self._record(layer, mass, rows)
         return out
 
@@ -348,14 +365,14 @@ class KCache(PagedKVCache):
         if self.ops is not reference and self.kcfg.selection != "random":  # the kernel the decode steps run
             tables = batch.block_tables[:1].expand(q.shape[0], -1).contiguous()
             out, mass, rows = self.ops.kcache_decode(q, pools.k, pools.v, tables, batch.lengths, self.kcfg,
-                                                     k_scales=pools.k_scales)
+                                                     k_scales=pools.k_scales, v_scales=pools.v_scales)
             self._record(layer, mass, rows)
             return out
         slots = self._sequence_slots(batch)  # [1, L]
         # [1, Hkv, L, D]: one copy of K for every row, float32 as the scores are
         k = reference.read_rows(pools.k, slots, pools.k_scales, torch.float32).transpose(1, 2)
         valid = torch.arange(slots.shape[1], device=q.device)[None, :] < batch.lengths[:, None]  # [T, L]
-        read_v = reference.pool_v_reader(pools.v, slots, q.device)
+        read_v = reference.pool_v_reader(pools.v, slots, q.device, pools.v_scales)
         out, mass, rows = reference.kcache_attend(q, k, valid, batch.lengths, read_v, self.kcfg)
         self._record(layer, mass, rows)
         return out
@@ -366,4 +383,4 @@ def make_cache(cfg: EngineConfig, model: ModelConfig, num_blocks: int, dtype: to
     args = (model, num_blocks, cfg.block_size, dtype, device)
     if cfg.cache == "full":
         return FullKV(*args, kv_cache_dtype=cfg.kv_cache_dtype)
-    return KCache(*args, cfg.kcache, kv_cache_dtype=cfg.kv_cache_dtype)
+    return KCache(*args, cfg.kcache, kv_cache_dtype=cfg.kv_cache_dtype, host_v_dtype=cfg.host_v_dtype)

@@ -4,7 +4,8 @@ Methods (N is the V budget: rows read per KV head, or per query head with `selec
   full[:kv_cache_dtype=fp8]          the exact cache (every layer decodes exactly, on the same pools); with fp8 the
                                      FP8 FullKV (K and V in float8 e4m3), on pools of its own
   kcache[:N][:key=value...]          KCacheConfig fields, e.g. kcache:64:renormalize=false:dense_layers=2, and
-                                     kv_cache_dtype=fp8 (K in float8 e4m3, on pools of its own)
+                                     kv_cache_dtype=fp8 (K in float8 e4m3) or host_v_dtype=fp8 (the host V in float8
+                                     e4m3), each on pools of its own
   streaming:N[:sink_tokens=S]        StreamingLLM-style: S first tokens (4) plus the N-S most recent ones
   random:N[:key=value...]            N random tokens per KV head, renormalised (a baseline)
 Tasks: a name of kcache.eval.tasks.TASKS with its options, e.g. multikey:keys=2 or multihop:hops=2:chains=1.
@@ -32,18 +33,19 @@ class Method:
     family: str  # the spec without its budget: one curve of the plots against N ("full" for the full cache)
     kcache: KCacheConfig | None  # None: the full cache
     kv_cache_dtype: str = "auto"
+    host_v_dtype: str = "auto"
 
     @property
     def budget(self) -> int | None:
         return None if self.kcache is None else self.kcache.budget
 
     @property
-    def engine(self) -> tuple[str, str]:
-        """(cache, kv_cache_dtype) of the engine whose prefilled pools this method decodes from. The full cache in
-        the model's dtype shares KCache's (its exact layers compute what FullKV does); in FP8 it is FullKV's own,
-        whose V is FP8 too, as users run it."""
+    def engine(self) -> tuple[str, str, str]:
+        """(cache, kv_cache_dtype, host_v_dtype) of the engine whose prefilled pools this method decodes from. The
+        full cache in the model's dtype shares KCache's (its exact layers compute what FullKV does); in FP8 it is
+        FullKV's own, whose V is FP8 too, as users run it."""
         full_fp8 = self.kcache is None and self.kv_cache_dtype != "auto"
-        return ("full" if full_fp8 else "kcache", self.kv_cache_dtype)
+        return ("full" if full_fp8 else "kcache", self.kv_cache_dtype, self.host_v_dtype)
 
     def config(self, num_layers: int) -> KCacheConfig:
         """The cache setting to decode with; the full cache is KCache with every layer exact."""
@@ -89,13 +91,15 @@ def parse_method(spec: str) -> Method:
     kind, n, options, raw = _split(spec)
     if kind not in KINDS:
         raise ValueError(f"{spec!r}: unknown method {kind!r} (use one of {', '.join(KINDS)})")
-    kv_cache_dtype = options.pop("kv_cache_dtype", "auto")
-    if kv_cache_dtype not in KV_CACHE_DTYPES:
-        raise ValueError(f"{spec!r}: kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got {kv_cache_dtype!r}")
+    dtypes = {}
+    for key in ("kv_cache_dtype", "host_v_dtype"):
+        dtypes[key] = options.pop(key, "auto")
+        if dtypes[key] not in KV_CACHE_DTYPES:
+            raise ValueError(f"{spec!r}: {key} must be one of {', '.join(KV_CACHE_DTYPES)}, got {dtypes[key]!r}")
     if kind == "full":
-        if n is not None or options:
+        if n is not None or options or dtypes["host_v_dtype"] != "auto":
             raise ValueError(f"{spec!r}: the full cache takes only kv_cache_dtype")
-        return Method(spec.strip(), ":".join(["full"] + raw), None, kv_cache_dtype)
+        return Method(spec.strip(), ":".join(["full"] + raw), None, dtypes["kv_cache_dtype"])
     fields = {}
     if kind == "streaming":
         if n is None:
@@ -113,7 +117,7 @@ def parse_method(spec: str) -> Method:
         err = e.errors()[0]
         raise ValueError(f"{spec!r}: {'.'.join(map(str, err['loc'])) or 'value'}: {err['msg']}") from None
     family = ":".join([kind] + [p for p in raw if not p.startswith("top_n=")])
-    return Method(spec.strip(), family, cfg, kv_cache_dtype)
+    return Method(spec.strip(), family, cfg, **dtypes)
 
 
 def parse_task(spec: str) -> TaskSpec:
