@@ -33,6 +33,17 @@ def test_compare_writes_json_and_kcache_admits_more(tiny_chat_model, tmp_path, c
     assert data["machine"]["cpu_count"] >= 1 and "bench" in data["command"]
 
 
+def test_compare_with_an_fp8_host_v_gives_it_to_kcache_only(tiny_chat_model, tmp_path):
+    out = tmp_path / "bench.json"
+    rc = main(["bench", "--model", str(tiny_chat_model), "--compare", "--host-v-dtype", "fp8", "--input-len", "16",
+               "--output-len", "4", "--num-prompts", "2", "--max-model-len", "64", "--output-json", str(out)])
+    assert rc == 0
+    results = json.loads(out.read_text())["results"]
+    kcache, full = results["kcache"], results["full"]
+    assert kcache["host_pool_bytes"] == kcache["pool_tokens"] * 3 * 2 * 16  # 3 layers x 2 KV heads x 16 e4m3 bytes
+    assert full["host_pool_bytes"] == 0 and kcache["requests"] == full["requests"] == 2
+
+
 def test_book_prompts_are_windows_of_the_book(smollm2_tokenizer):
     from argparse import Namespace
 

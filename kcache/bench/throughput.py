@@ -247,7 +247,8 @@ def run(args) -> int:
     for cache in caches:
         for cached in prefix:
             cfg = base.model_copy(update={"cache": cache, "enable_prefix_caching": cached,
-                                          "max_model_len": base.max_model_len or longest})
+                                          "max_model_len": base.max_model_len or longest,
+                                          "host_v_dtype": base.host_v_dtype if cache == "kcache" else "auto"})
             results[name(cache, cached)], outputs[name(cache, cached)] = run_mode(cfg, loaded, args, text)
     ratios = {}
     if args.compare:
