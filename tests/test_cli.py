@@ -25,8 +25,7 @@ def assert_one_line_error(r, *words):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("cache_args", [["--cache", "kcache", "--top-n", "32"], ["--cache", "full"],
-                                        ["--cache", "kcache", "--kv-cache-dtype", "fp8"],
-                                        ["--cache", "kcache", "--host-v-dtype", "fp8"]])
+                                        ["--cache", "kcache", "--kv-cache-dtype", "fp8", "--host-v-dtype", "fp8"]])
 def test_chat_names_paris_with_stats(cache_args):
     r = kcache("generate", "--chat", "What is the capital of France?", "--max-new-tokens", "32", *cache_args)
     assert r.returncode == 0, r.stderr
