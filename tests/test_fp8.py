@@ -206,7 +206,10 @@ def _triton_device():
     return "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else None
 
 
-needs_triton = pytest.mark.skipif(_triton_device() is None, reason="needs Triton: a CUDA GPU, or TRITON_INTERPRET=1")
+def needs_triton(test):
+    """A kernel test: marked gpu (so `-m gpu` selects it on a GPU), run under the interpreter on CPU too."""
+    skip = pytest.mark.skipif(_triton_device() is None, reason="needs Triton: a CUDA GPU, or TRITON_INTERPRET=1")
+    return pytest.mark.gpu(skip(test))
 
 
 def _kernel_case(lengths, seed, dtype=torch.float32):
