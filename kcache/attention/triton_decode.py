@@ -40,7 +40,8 @@ from kcache.config import KCacheConfig
 # Tokens per K tile, from the lent H200 (32k tokens, ms per layer; benchmarks/results/tile_probe_h200.json): the
 # KCache scan 0.40 at 128 against 0.49 at 64 (batch 23, bf16), and with FP8 K 0.77 against 1.30 (batch 46); the full
 # decode 0.34 at 64 against 0.40 at 128 in bf16 (batch 11), but 1.18 against 1.90 with FP8 K and V (batch 46): an FP8
-# tile holds half the bytes, so it wants twice the tokens in flight.
+# tile holds half the bytes, so it wants twice the tokens in flight. (The FP8 figures are of a trial that fed the
+# dot fp16; these kernels feed it q's dtype, at 64 tokens 15% slower.)
 SCAN_TILE = 128
 FULL_TILE = {2: 64, 4: 64, 1: 128}  # by the K pool's element size
 BLOCK_L = 1024  # chunks ranked per program (each keeps its local top NP)
@@ -48,7 +49,7 @@ RANK_WARPS = 8  # warps of a rank program: its bitonic top-k trades shuffles aga
 MERGE_KEYS = 4096  # keys per merge program (its register tile)
 GATHER_ROWS = 128  # staged V rows summed per gather step
 GATHER_WARPS = 4
-SPLIT_WEIGHTS = True  # 16-bit V: weights as two 16-bit halves on the tensor cores (see _gather_kernel)
+SPLIT_WEIGHTS = True  # 16-bit q: weights as two 16-bit halves on the tensor cores (see _gather_kernel)
 STAGE_ROWS = 16  # V rows one staging program copies from host memory (whole chunks, at least one)
 STAGE_WARPS = 2
 MAX_SPLITS = 64  # bounds the reduce's register tile [splits, head_dim]
