@@ -78,6 +78,13 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
+def _query_split(q: torch.Tensor, k_cache: torch.Tensor) -> int:
+    """e4m3 parts the queries go into the dot as (_e4m3_parts): FP8 K with bf16 queries 2, fp16 3; else 0."""
+    if k_cache.dtype != torch.float8_e4m3fn or q.element_size() != 2:
+        return 0
+    return 2 if q.dtype == torch.bfloat16 else 3
+
+
 def _pad_rows(g: int) -> int:
     return max(16, triton.next_power_of_2(g))  # tl.dot needs at least 16 rows
 
@@ -91,19 +98,80 @@ def _kv_rows(table_row, pos, valid, BS: tl.constexpr, HKV: tl.constexpr, h):
 
 
 @triton.jit
-def _tile_logits(qv, k_cache, k_scales, table_row, pos, end, scale, h, HKV: tl.constexpr, D: tl.constexpr,
-                 BS: tl.constexpr, PREC: tl.constexpr, KQ: tl.constexpr):
-    """Scaled logits [BG, N] of queries qv [BG, D] at positions pos [N] (-inf from `end` on), their pool rows and
-    validity. KQ: K is FP8, dequantised with its per-row scales k_scales."""
+def _pow2_scale(amax):
+    """Per row, a power of two s with amax / s in [128, 256) (1 where amax is 0): dividing by it is exact."""
+    bits = amax.to(tl.int32, bitcast=True) & 0x7F800000
+    return tl.where(amax > 0, bits.to(tl.float32, bitcast=True) * (1.0 / 128), 1.0)
+
+
+@triton.jit
+def _top4_bits(y):
+    """y float32 truncated to 4 significant bits: e4m3-representable where |y| is in e4m3's normal range. A
+    truncation, not the conversion's rounding, so that the remainder stays below y's last kept bit."""
+    return (y.to(tl.int32, bitcast=True) & -0x100000).to(tl.float32, bitcast=True)  # sign, exponent, 3 bits
+
+
+@triton.jit
+def _e4m3_parts(x, PARTS: tl.constexpr):
+    """x [R, K] float32 as s * (p0 + p1 / 16 + p2 / 256) (p2 = 0 unless PARTS == 3), each p e4m3 and s [R] a power
+    of two per row. Each part holds the next 4 significant bits of x / s, so 2 parts hold a bf16 value and 3 an fp16
+    one, exactly but for elements below ~2^-14 of the row's largest (e4m3 subnormals)."""
+    s = _pow2_scale(tl.max(tl.abs(x), 1))
+    y = x / s[:, None]
+    p0 = _top4_bits(y)
+    y = (y - p0) * 16.0
+    p1 = _top4_bits(y)
+    p2 = y * 0.0
+    if PARTS == 3:
+        p2 = (y - p1) * 16.0
+    return p0.to(tl.float8e4nv), p1.to(tl.float8e4nv), p2.to(tl.float8e4nv), s
+
+
+@triton.jit
+def _query_parts(qv, QP: tl.constexpr):
+    """The queries [BG, D] as _tile_logits takes them: QP e4m3 parts and their row scales, or (with QP = 0) as
+    they are (and ones)."""
+    if QP:
+        q0, q1, q2, qs = _e4m3_parts(qv.to(tl.float32), QP)
+    else:
+        q0, q1, q2, qs = qv, qv, qv, tl.full([qv.shape[0]], 1.0, tl.float32)
+    return q0, q1, q2, qs
+
+
+@triton.jit
+def _row_scales(scales, table_row, pos, end, h, HKV: tl.constexpr, BS: tl.constexpr):
+    """The FP8 row scales [N] of positions pos (0 from `end` on). The loops load the next tile's while the current
+    one is summed: a small load that nothing waits on until then, where loading it with its tile stalls each tile
+    for its latency (the K scan ran at 2.4 of 4.4 TB/s that way on the H200)."""
+    valid = pos < end
+    return tl.load(scales + _kv_rows(table_row, pos, valid, BS, HKV, h), mask=valid, other=0.0)
+
+
+@triton.jit
+def _tile_logits(q0, q1, q2, qs, k_cache, ks, table_row, pos, end, scale, h, HKV: tl.constexpr, D: tl.constexpr,
+                 BS: tl.constexpr, PREC: tl.constexpr, KQ: tl.constexpr, QP: tl.constexpr):
+    """Scaled logits [BG, N] of the queries (_query_parts) at positions pos [N] (-inf from `end` on), their pool rows
+    and validity. KQ: K is FP8 with row scales ks [N] (_row_scales). QP > 0 (FP8 K, 16-bit queries): the e4m3 tile
+    goes into QP tensor-core dots with the queries' e4m3 parts as it is; converting it to the queries' dtype first
+    halved the scan's speed on the H200. QP = 0: an FP8 tile goes into the dot as the queries' dtype."""
     valid = pos < end
     rows = _kv_rows(table_row, pos, valid, BS, HKV, h)
     d = tl.arange(0, D)
     kt = tl.load(k_cache + rows[:, None] * D + d[None, :], mask=valid[:, None], other=0.0)  # [N, D]
-    if KQ:
-        ks = tl.load(k_scales + rows, mask=valid, other=0.0)  # [N]
-        x = tl.dot(qv, tl.trans(kt.to(qv.dtype)), input_precision=PREC) * (ks * scale)[None, :]
+    if QP:
+        ktt = tl.trans(kt)
+        x = tl.dot(q0, ktt) + tl.dot(q1, ktt) * (1.0 / 16)
+        if QP == 3:
+            x += tl.dot(q2, ktt) * (1.0 / 256)
+        x = x * qs[:, None]
+    elif KQ:
+        x = tl.dot(q0, tl.trans(kt.to(q0.dtype)), input_precision=PREC)
     else:
-        x = tl.dot(qv, tl.trans(kt), input_precision=PREC) * scale
+        x = tl.dot(q0, tl.trans(kt), input_precision=PREC)
+    if KQ:
+        x = x * (ks * scale)[None, :]
+    else:
+        x = x * scale
     return tl.where(valid[None, :], x, float("-inf")), rows, valid
 
 
@@ -133,33 +201,55 @@ def _merge_stats(m_in, l_in, bh, S, G: tl.constexpr, BG: tl.constexpr, SP: tl.co
 def _full_split_kernel(
     q, k_cache, v_cache, k_scales, v_scales, block_tables, lengths, acc_out, m_out, l_out, scale, max_blocks,
     per_split, HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BS: tl.constexpr, BG: tl.constexpr,
-    BLOCK_N: tl.constexpr, PREC: tl.constexpr, KQ: tl.constexpr, VQ: tl.constexpr,
+    BLOCK_N: tl.constexpr, PREC: tl.constexpr, KQ: tl.constexpr, VQ: tl.constexpr, QP: tl.constexpr,
 ):
-    """Online-softmax attention of one KV head's G queries over one split: unnormalised acc [G, D], max, sum."""
+    """Online-softmax attention of one KV head's G queries over one split: unnormalised acc [G, D], max, sum.
+    With FP8 V and 16-bit queries (QP > 0) the weights, each V row's scale on them, go into the dot as fp16 over a
+    power-of-two row scale, the V tile converted to fp16 (exact for e4m3)."""
     b, h, s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     S = tl.num_programs(2)
     qv = _load_q(q, b, h, HKV, G, D, BG)  # [BG, D]
+    q0, q1, q2, qs = _query_parts(qv, QP)
+    table_row = block_tables + b * max_blocks
     d = tl.arange(0, D)
     start = s * per_split
     end = tl.minimum(start + per_split, tl.load(lengths + b))
     m = tl.full([BG], float("-inf"), tl.float32)
     l = tl.zeros([BG], tl.float32)
     acc = tl.zeros([BG, D], tl.float32)
+    first = start + tl.arange(0, BLOCK_N)
+    ks = tl.zeros([BLOCK_N], tl.float32)
+    vs = tl.zeros([BLOCK_N], tl.float32)
+    if KQ:
+        ks = _row_scales(k_scales, table_row, first, end, h, HKV, BS)
+    if VQ:
+        vs = _row_scales(v_scales, table_row, first, end, h, HKV, BS)
     for t in range(start, end, BLOCK_N):  # every tile holds a valid token, so m stays finite after it
         pos = t + tl.arange(0, BLOCK_N)
-        x, rows, valid = _tile_logits(qv, k_cache, k_scales, block_tables + b * max_blocks, pos, end, scale, h, HKV, D,
-                                      BS, PREC, KQ)
+        ks_next, vs_next = ks, vs
+        if KQ:
+            ks_next = _row_scales(k_scales, table_row, pos + BLOCK_N, end, h, HKV, BS)
+        if VQ:
+            vs_next = _row_scales(v_scales, table_row, pos + BLOCK_N, end, h, HKV, BS)
+        x, rows, valid = _tile_logits(q0, q1, q2, qs, k_cache, ks, table_row, pos, end, scale, h, HKV, D, BS, PREC,
+                                      KQ, QP)
         vt = tl.load(v_cache + rows[:, None] * D + d[None, :], mask=valid[:, None], other=0.0)
         m_new = tl.maximum(m, tl.max(x, 1))
         alpha = tl.exp(m - m_new)
         p = tl.exp(x - m_new[:, None])
         l = l * alpha + tl.sum(p, 1)
         if VQ:  # each FP8 row's scale goes onto its weight
-            pv = p * tl.load(v_scales + rows, mask=valid, other=0.0)[None, :]
-            acc = acc * alpha[:, None] + tl.dot(pv.to(qv.dtype), vt.to(qv.dtype), input_precision=PREC)
+            pv = p * vs[None, :]
+            if QP:
+                ws = _pow2_scale(tl.max(pv, 1))
+                pv = tl.dot((pv / ws[:, None]).to(tl.float16), vt.to(tl.float16)) * ws[:, None]
+            else:
+                pv = tl.dot(pv.to(qv.dtype), vt.to(qv.dtype), input_precision=PREC)
+            acc = acc * alpha[:, None] + pv
         else:
             acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision=PREC)
         m = m_new
+        ks, vs = ks_next, vs_next
     g = tl.arange(0, BG)
     head = (b * HKV + h) * G + g  # [BG] query head index into [B, H]
     tl.store(acc_out + (head[:, None] * S + s) * D + d[None, :], acc, mask=g[:, None] < G)
@@ -185,7 +275,7 @@ def _full_reduce_kernel(acc_in, m_in, l_in, out, S, D: tl.constexpr, SP: tl.cons
 def _scores_kernel(
     q, k_cache, k_scales, block_tables, lengths, chunk_lse, m_out, l_out, scale, max_blocks, per_split, LC,
     HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BS: tl.constexpr, BG: tl.constexpr,
-    BLOCK_N: tl.constexpr, C: tl.constexpr, PREC: tl.constexpr, KQ: tl.constexpr,
+    BLOCK_N: tl.constexpr, C: tl.constexpr, PREC: tl.constexpr, KQ: tl.constexpr, QP: tl.constexpr,
 ):
     """One KV head's G queries over one split: each chunk of C tokens' log-sum-exp of the scaled logits into
     chunk_lse [B, Hkv, G, LC] (-inf where no token is valid), plus the split's max / sum-exp."""
@@ -198,10 +288,18 @@ def _scores_kernel(
     end = tl.minimum(start + per_split, tl.load(lengths + b))
     m = tl.full([BG], float("-inf"), tl.float32)
     l = tl.zeros([BG], tl.float32)
+    q0, q1, q2, qs = _query_parts(qv, QP)
+    table_row = block_tables + b * max_blocks
+    ks = tl.zeros([BLOCK_N], tl.float32)
+    if KQ:
+        ks = _row_scales(k_scales, table_row, start + tl.arange(0, BLOCK_N), end, h, HKV, BS)
     for t in range(start, end, BLOCK_N):
         pos = t + tl.arange(0, BLOCK_N)
-        x, _, _ = _tile_logits(qv, k_cache, k_scales, block_tables + b * max_blocks, pos, end, scale, h, HKV, D, BS,
-                               PREC, KQ)
+        ks_next = ks
+        if KQ:
+            ks_next = _row_scales(k_scales, table_row, pos + BLOCK_N, end, h, HKV, BS)
+        x, _, _ = _tile_logits(q0, q1, q2, qs, k_cache, ks, table_row, pos, end, scale, h, HKV, D, BS, PREC, KQ, QP)
+        ks = ks_next
         m_new = tl.maximum(m, tl.max(x, 1))
         p = tl.exp(x - m_new[:, None])  # [BG, BLOCK_N], shared by the split's sum and the chunks' sums
         l = l * tl.exp(m - m_new) + tl.sum(p, 1)
@@ -294,6 +392,7 @@ def _gather_kernel(
     max_blocks, S, n, HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BS: tl.constexpr, BG: tl.constexpr,
     SP: tl.constexpr, NP: tl.constexpr, C: tl.constexpr, TILE: tl.constexpr, GROUP: tl.constexpr,
     RENORM: tl.constexpr, PREC: tl.constexpr, KQ: tl.constexpr, VQ: tl.constexpr, SPLIT: tl.constexpr,
+    QP: tl.constexpr,
 ):
     """Weighted sum over one selection's chunks, their V rows staged on the device by _stage_kernel.
 
@@ -311,6 +410,7 @@ def _gather_kernel(
     top, z = _merge_stats(m_in, l_in, bh, S, G, BG, SP)
     length = tl.load(lengths + b)
     qv = _load_q(q, b, h, HKV, G, D, BG)
+    q0, q1, q2, qs = _query_parts(qv, QP)
     table_row = block_tables + b * max_blocks
     g = tl.arange(0, BG)
     d = tl.arange(0, D)
@@ -325,7 +425,11 @@ def _gather_kernel(
         key = tl.load(keys + (bh * tl.num_programs(2) + sel) * NP + j, mask=j < n, other=-1)
         chunk = key.to(tl.int32)  # truncation keeps the low 32 bits; -1 stays -1
         pos = tl.where(chunk >= 0, chunk * C + r % C, length)  # no chunk: a position past the sequence
-        x, rows, valid = _tile_logits(qv, k_cache, k_scales, table_row, pos, length, scale, h, HKV, D, BS, PREC, KQ)
+        ks = pos * 0.0
+        if KQ:  # few rows, data-dependent: loaded with their tile
+            ks = _row_scales(k_scales, table_row, pos, length, h, HKV, BS)
+        x, rows, valid = _tile_logits(q0, q1, q2, qs, k_cache, ks, table_row, pos, length, scale, h, HKV, D, BS, PREC,
+                                      KQ, QP)
         w = tl.exp(tl.where(mine[:, None], x, float("-inf")) - top[:, None]) / z[:, None]  # [BG, TILE * C]
         v = tl.load(staged + (base + c0 * C + r)[:, None] * D + d[None, :], mask=valid[:, None], other=0.0)
         wv = w
@@ -372,7 +476,7 @@ def full_decode(q, k_cache, v_cache, block_tables, lengths, scale=None, k_scales
         q, k_cache, v_cache, _scales_arg(k_scales, k_cache), _scales_arg(v_scales, v_cache), block_tables, lengths,
         acc, m, l, scale, block_tables.shape[1], per_split, HKV=Hkv, G=G, D=D, BS=bs, BG=_pad_rows(G),
         BLOCK_N=tile, PREC=_dot_precision(q.dtype), KQ=k_scales is not None, VQ=v_scales is not None,
-        num_warps=4, num_stages=3,
+        QP=_query_split(q, k_cache), num_warps=4, num_stages=3,
     )
     out = torch.empty_like(q)
     _full_reduce_kernel[(B * H,)](acc, m, l, out, S, D=D, SP=triton.next_power_of_2(S), num_warps=4)
@@ -391,7 +495,8 @@ def chunk_scores(q, k_cache, block_tables, lengths, chunk_tokens: int, scale: fl
     _scores_kernel[(B, Hkv, S)](
         q, k_cache, _scales_arg(k_scales, k_cache), block_tables, lengths, lse, m, l, scale, block_tables.shape[1],
         per_split, LC, HKV=Hkv, G=G, D=D, BS=bs, BG=_pad_rows(G), BLOCK_N=SCAN_TILE, C=chunk_tokens,
-        PREC=_dot_precision(q.dtype), KQ=k_scales is not None, num_warps=4, num_stages=3,
+        PREC=_dot_precision(q.dtype), KQ=k_scales is not None, QP=_query_split(q, k_cache), num_warps=4,
+        num_stages=3,
     )
     return lse, m, l
 
@@ -454,7 +559,8 @@ def weighted_sum(keys, q, k_cache, m, l, staged, block_tables, lengths, cfg: KCa
         lengths, out, mass, rows, scale, block_tables.shape[1], m.shape[-1], cfg.chunk_budget, HKV=Hkv, G=G, D=D, BS=bs,
         BG=_pad_rows(G), SP=triton.next_power_of_2(m.shape[-1]), NP=NP, C=c, TILE=max(1, min(NP, GATHER_ROWS // c)),
         GROUP=cfg.selection == "group", RENORM=cfg.renormalize, PREC=_dot_precision(q.dtype), KQ=k_scales is not None,
-        VQ=v_scales is not None, SPLIT=SPLIT_WEIGHTS and q.element_size() == 2, num_warps=GATHER_WARPS,
+        VQ=v_scales is not None, SPLIT=SPLIT_WEIGHTS and q.element_size() == 2, QP=_query_split(q, k_cache),
+        num_warps=GATHER_WARPS,
     )
     return out, mass, rows.sum((1, 2), dtype=torch.int32)
 
