@@ -11,7 +11,7 @@ import torch
 
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
-NEEDS_TRITON = {"host_pool_probe", "attention_microbench", "kcache_step_probe", "tile_probe"}
+NEEDS_TRITON = {"host_pool_probe", "attention_microbench", "kcache_step_probe", "tile_probe", "fp8_scan_probe"}
 SCRIPTS = sorted(p.stem for p in BENCHMARKS.glob("*.py"))
 
 

@@ -11,9 +11,10 @@ G rows are padded to 16 for `tl.dot`. The sequence is split so that small batche
 split count depends only on static shapes, so every launch here can be captured in a CUDA graph.
 
 FP8 pools (float8 e4m3 rows, a float32 scale per row in a scales pool of the same layout, see
-kcache.attention.reference) are dequantised on load: the K tile goes into the dot as q's dtype (e4m3 values are
-exact in bf16 and float32) and each row's scale multiplies its logit; a V row's scale multiplies its weight. That is
-the reference's dequantise-then-multiply, reassociated. The flags KQ / VQ (constexpr) say which pools are FP8.
+kcache.attention.reference) are dequantised in the arithmetic: each K row's scale multiplies its logit, a V row's
+its weight; that is the reference's dequantise-then-multiply, reassociated. With 16-bit queries the e4m3 K tile goes
+into tensor-core dots as it is, against the queries split into exact e4m3 parts (_e4m3_parts); float32 queries take
+the tile converted to float32. The flags KQ / VQ (constexpr) say which pools are FP8, QP how many parts.
 
 KCache decode runs five launches (a merge level more for very long contexts):
   scores  K tiles -> each chunk's log-sum-exp of scaled logits [B, Hkv, G, L/c] + per-split (max, sum-exp), so the
@@ -38,10 +39,9 @@ import triton.language as tl
 from kcache.config import KCacheConfig
 
 # Tokens per K tile, from the lent H200 (32k tokens, ms per layer; benchmarks/results/tile_probe_h200.json): the
-# KCache scan 0.40 at 128 against 0.49 at 64 (batch 23, bf16), and with FP8 K 0.77 against 1.30 (batch 46); the full
-# decode 0.34 at 64 against 0.40 at 128 in bf16 (batch 11), but 1.18 against 1.90 with FP8 K and V (batch 46): an FP8
-# tile holds half the bytes, so it wants twice the tokens in flight. (The FP8 figures are of a trial that fed the
-# dot fp16; these kernels feed it q's dtype, at 64 tokens 15% slower.)
+# KCache scan 0.41 at 128 against 0.49 at 64 and 0.46 at 256 (batch 23, bf16), with FP8 K 0.75 against 1.23 and 0.86
+# (batch 46); the full decode 0.23 at 64 against 0.28 at 128 in bf16 (batch 11), but 1.38 at 128 against 2.16 at 64
+# with FP8 K and V (batch 46): an FP8 tile holds half the bytes, so it wants twice the tokens in flight.
 SCAN_TILE = 128
 FULL_TILE = {2: 64, 4: 64, 1: 128}  # by the K pool's element size
 BLOCK_L = 1024  # chunks ranked per program (each keeps its local top NP)

@@ -1,0 +1,106 @@
+"""What caps the FP8 K scan: a stripped scan (logits, online max and sum) over a paged pool, one way of feeding
+the FP8 tile into the dot per mode, with and without loading each tile's per-row scales beside it.
+
+Modes: bf16 K (the reference speed); FP8 converted to bf16; FP8 converted to fp16 (hardware conversion); FP8 to
+fp16 by bit operations; FP8 into an e4m3 dot with e4m3 queries (the speed of the tensor-core path the kernels take,
+whose queries are split into exact parts). Llama-3.1-8B KV shapes, 32k tokens, ms per layer and TB/s.
+
+    python benchmarks/fp8_scan_probe.py              # the sweep; writes $OUT/fp8_scan_probe.json when OUT is set
+    python benchmarks/fp8_scan_probe.py one MODE B   # one launch of one mode at batch B (for ncu)
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import torch
+import triton
+import triton.language as tl
+
+from attention_microbench import time_graph  # same folder
+
+HQ, HKV, D, BS, CONTEXT, LAYERS = 32, 8, 128, 16, 32768, 4
+NAMES = {0: "bf16 K", 1: "fp8 -> bf16", 2: "fp8 -> fp16 (cvt)", 3: "fp8 -> fp16 (bits)", 4: "fp8 dot, fp8 q"}
+
+
+@triton.jit
+def _scan(q, k, ks, tables, m_out, l_out, scale, max_blocks, per_split, HKV: tl.constexpr, G: tl.constexpr,
+          D: tl.constexpr, BS: tl.constexpr, BG: tl.constexpr, N: tl.constexpr, MODE: tl.constexpr,
+          SCALES: tl.constexpr):
+    b, h, s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    g = tl.arange(0, BG)
+    d = tl.arange(0, D)
+    qv = tl.load(q + ((b * HKV + h) * G + g[:, None]) * D + d[None, :], mask=g[:, None] < G, other=0.0)
+    if MODE == 2 or MODE == 3:
+        qv = qv.to(tl.float16)
+    if MODE == 4:
+        qv = qv.to(tl.float8e4nv)
+    m = tl.full([BG], float("-inf"), tl.float32)
+    l = tl.zeros([BG], tl.float32)
+    start = s * per_split
+    for t in range(start, start + per_split, N):
+        pos = t + tl.arange(0, N)
+        page = tl.load(tables + b * max_blocks + pos // BS)
+        rows = (page.to(tl.int64) * HKV + h) * BS + pos % BS
+        kt = tl.load(k + rows[:, None] * D + d[None, :])
+        if MODE == 1:
+            kt = kt.to(tl.bfloat16)
+        if MODE == 2:
+            kt = kt.to(tl.float16)
+        if MODE == 3:  # e4m3 bits into fp16 bits: the value times 2^-8
+            kb = kt.to(tl.int16)
+            kt = (((kb & 0x80) << 8) | ((kb & 0x7F) << 7)).to(tl.float16, bitcast=True)
+        x = tl.dot(qv, tl.trans(kt))
+        if SCALES:
+            x = x * tl.load(ks + rows)[None, :]
+        x = x * scale
+        m_new = tl.maximum(m, tl.max(x, 1))
+        l = l * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new[:, None]), 1)
+        m = m_new
+    head = (b * HKV + h) * G + g
+    tl.store(m_out + head * tl.num_programs(2) + s, m, mask=g < G)
+    tl.store(l_out + head * tl.num_programs(2) + s, l, mask=g < G)
+
+
+def run(batch: int, mode: int, tile: int, stages: int, warps: int, scales: bool) -> dict:
+    nb = batch * CONTEXT // BS
+    k = torch.randn(LAYERS, nb, HKV, BS, D, device="cuda", dtype=torch.bfloat16)
+    if mode:
+        k = k.to(torch.float8_e4m3fn)
+    k_in = k.view(torch.uint8) if mode == 3 else k
+    ks = torch.ones(LAYERS, nb, HKV, BS, device="cuda")
+    q = torch.randn(batch, HQ, D, device="cuda", dtype=torch.bfloat16)
+    tables = torch.randperm(nb, device="cuda").to(torch.int32).view(batch, -1)
+    splits = max(1, min(64, triton.cdiv(4 * torch.cuda.get_device_properties(0).multi_processor_count, batch * HKV)))
+    m = torch.empty(batch, HQ, splits, device="cuda")
+    l = torch.empty_like(m)
+
+    def layer(i):
+        _scan[(batch, HKV, splits)](q, k_in[i], ks[i], tables, m, l, 0.1, tables.shape[1], CONTEXT // splits, HKV=HKV,
+                                    G=HQ // HKV, D=D, BS=BS, BG=16, N=tile, MODE=mode, SCALES=scales,
+                                    num_warps=warps, num_stages=stages)
+
+    ms = time_graph(lambda: [layer(i) for i in range(LAYERS)], calls=1, replays=10) * 1e3 / LAYERS
+    gb = k[0].numel() * k.element_size() / 1e9
+    return dict(batch=batch, mode=NAMES[mode], scales=scales, tile=tile, stages=stages, warps=warps, ms=ms,
+                TBps=gb / ms)
+
+
+def main():
+    if sys.argv[1:2] == ["one"]:
+        print(run(int(sys.argv[3]), int(sys.argv[2]), 128, 3, 4, int(sys.argv[2]) != 0))
+        return
+    rows = [run(23, 0, 128, 3, 4, False)]
+    for mode in (1, 2, 3, 4):
+        for scales in (False, True):
+            for tile, stages, warps in ((128, 3, 4), (128, 4, 4), (256, 2, 4), (256, 3, 8), (512, 2, 8)):
+                rows.append(run(46, mode, tile, stages, warps, scales))
+                print(json.dumps(rows[-1]), flush=True)
+    if os.environ.get("OUT"):
+        with open(os.path.join(os.environ["OUT"], "fp8_scan_probe.json"), "w") as f:
+            json.dump({"card": torch.cuda.get_device_name(), "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
