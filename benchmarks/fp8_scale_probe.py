@@ -3,7 +3,8 @@
 Prefills a text with the full cache (exact), records every layer's post-RoPE queries and keys as attention sees them,
 then quantises K both ways (e4m3, scale = amax / 448 over one row, or over the block_size rows of one block and
 head), and per row after subtracting each channel's mean over the text (softmax is invariant to the shift q . mean,
-so a follow-up could store K - mean; here the mean sees the whole text, an upper bound on that gain), and measures,
+so a follow-up could store K - mean; here the mean sees the whole text, an upper bound on that gain), per row with
+the first SINKS tokens (the attention sinks) kept exact, and, for scale, K rounded to bf16; and measures,
 per layer and head, the relative error of the dequantised K and the KL divergence of each query's causal softmax
 over the dequantised K from the exact one (the distribution KCache ranks chunks by).
 
@@ -22,6 +23,7 @@ from kcache.eval.haystack import read_text
 from kcache.llm import LLM
 
 BLOCK = 16  # the engine's default block size
+SINKS = 4
 
 
 def quantize_blocks(k: torch.Tensor) -> torch.Tensor:
@@ -75,16 +77,19 @@ def main() -> None:
         per_block = quantize_blocks(k)
         mean = k.mean(0, keepdim=True)  # [1, Hkv, D]
         centred = ref.dequantize(*ref.quantize(k - mean), torch.float32) + mean
+        sinks_exact = torch.cat([k[:SINKS], per_token[SINKS:]])
+        bf16 = k.to(torch.bfloat16).float()
         err = lambda approx: ((approx - k).norm(dim=(0, 2)) / k.norm(dim=(0, 2))).tolist()  # noqa: E731  per head
         rows.append(dict(layer=layer, k_rel_err_token=err(per_token), k_rel_err_block=err(per_block),
                          k_rel_err_centred=err(centred), kl_token=causal_kl(q, k, per_token).tolist(),
-                         kl_block=causal_kl(q, k, per_block).tolist(), kl_centred=causal_kl(q, k, centred).tolist()))
+                         kl_block=causal_kl(q, k, per_block).tolist(), kl_centred=causal_kl(q, k, centred).tolist(),
+                         kl_sinks_exact=causal_kl(q, k, sinks_exact).tolist(), kl_bf16=causal_kl(q, k, bf16).tolist()))
         print(f"layer {layer:2d}: K rel err token {max(rows[-1]['k_rel_err_token']):.4f} block "
               f"{max(rows[-1]['k_rel_err_block']):.4f}; KL token {max(rows[-1]['kl_token']):.2e} block "
               f"{max(rows[-1]['kl_block']):.2e} centred {max(rows[-1]['kl_centred']):.2e}", flush=True)
     mean = lambda key: sum(sum(r[key]) / len(r[key]) for r in rows) / len(rows)  # noqa: E731
     summary = {key: mean(key) for key in ("k_rel_err_token", "k_rel_err_block", "k_rel_err_centred", "kl_token",
-                                          "kl_block", "kl_centred")}
+                                          "kl_block", "kl_centred", "kl_sinks_exact", "kl_bf16")}
     print(json.dumps(summary))
     with open(args.out, "w") as f:
         json.dump(dict(model="smollm2", text=args.text, tokens=T, block_size=BLOCK, mean=summary, layers=rows), f,

@@ -2,8 +2,9 @@
 the FP8 tile into the dot per mode, with and without loading each tile's per-row scales beside it.
 
 Modes: bf16 K (the reference speed); FP8 converted to bf16; FP8 converted to fp16 (hardware conversion); FP8 to
-fp16 by bit operations; FP8 into an e4m3 dot with e4m3 queries (the speed of the tensor-core path the kernels take,
-whose queries are split into exact parts). Llama-3.1-8B KV shapes, 32k tokens, ms per layer and TB/s.
+fp16 by bit operations; FP8 into e4m3 dots with e4m3 queries, one dot or two (the kernels' path: bf16 queries as two
+exact e4m3 parts). Scales: none, loaded beside their tile, or loaded a tile ahead (as the kernels do).
+Llama-3.1-8B KV shapes, 32k tokens, ms per layer and TB/s.
 
     python benchmarks/fp8_scan_probe.py              # the sweep; writes $OUT/fp8_scan_probe.json when OUT is set
     python benchmarks/fp8_scan_probe.py one MODE B   # one launch of one mode at batch B (for ncu)
@@ -21,7 +22,15 @@ import triton.language as tl
 from attention_microbench import time_graph  # same folder
 
 HQ, HKV, D, BS, CONTEXT, LAYERS = 32, 8, 128, 16, 32768, 4
-NAMES = {0: "bf16 K", 1: "fp8 -> bf16", 2: "fp8 -> fp16 (cvt)", 3: "fp8 -> fp16 (bits)", 4: "fp8 dot, fp8 q"}
+NAMES = {0: "bf16 K", 1: "fp8 -> bf16", 2: "fp8 -> fp16 (cvt)", 3: "fp8 -> fp16 (bits)", 4: "fp8 dot, fp8 q",
+         5: "2 fp8 dots, fp8 q"}
+SCALES = {0: "none", 1: "with the tile", 2: "a tile ahead"}
+
+
+@triton.jit
+def _rows(table_row, pos, end, h, HKV: tl.constexpr, BS: tl.constexpr):
+    page = tl.load(table_row + pos // BS, mask=pos < end, other=0)
+    return (page.to(tl.int64) * HKV + h) * BS + pos % BS
 
 
 @triton.jit
@@ -34,15 +43,20 @@ def _scan(q, k, ks, tables, m_out, l_out, scale, max_blocks, per_split, HKV: tl.
     qv = tl.load(q + ((b * HKV + h) * G + g[:, None]) * D + d[None, :], mask=g[:, None] < G, other=0.0)
     if MODE == 2 or MODE == 3:
         qv = qv.to(tl.float16)
-    if MODE == 4:
+    if MODE >= 4:
         qv = qv.to(tl.float8e4nv)
     m = tl.full([BG], float("-inf"), tl.float32)
     l = tl.zeros([BG], tl.float32)
     start = s * per_split
-    for t in range(start, start + per_split, N):
+    end = start + per_split
+    ahead = tl.load(ks + _rows(tables + b * max_blocks, start + tl.arange(0, N), end, h, HKV, BS))
+    for t in range(start, end, N):
         pos = t + tl.arange(0, N)
-        page = tl.load(tables + b * max_blocks + pos // BS)
-        rows = (page.to(tl.int64) * HKV + h) * BS + pos % BS
+        rows = _rows(tables + b * max_blocks, pos, end, h, HKV, BS)
+        if SCALES == 2:
+            this = ahead
+            nxt = pos + N
+            ahead = tl.load(ks + _rows(tables + b * max_blocks, nxt, end, h, HKV, BS), mask=nxt < end, other=0.0)
         kt = tl.load(k + rows[:, None] * D + d[None, :])
         if MODE == 1:
             kt = kt.to(tl.bfloat16)
@@ -52,8 +66,12 @@ def _scan(q, k, ks, tables, m_out, l_out, scale, max_blocks, per_split, HKV: tl.
             kb = kt.to(tl.int16)
             kt = (((kb & 0x80) << 8) | ((kb & 0x7F) << 7)).to(tl.float16, bitcast=True)
         x = tl.dot(qv, tl.trans(kt))
-        if SCALES:
+        if MODE == 5:
+            x += tl.dot(qv, tl.trans(kt)) * (1.0 / 16)
+        if SCALES == 1:
             x = x * tl.load(ks + rows)[None, :]
+        if SCALES == 2:
+            x = x * this[None, :]
         x = x * scale
         m_new = tl.maximum(m, tl.max(x, 1))
         l = l * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new[:, None]), 1)
@@ -63,7 +81,7 @@ def _scan(q, k, ks, tables, m_out, l_out, scale, max_blocks, per_split, HKV: tl.
     tl.store(l_out + head * tl.num_programs(2) + s, l, mask=g < G)
 
 
-def run(batch: int, mode: int, tile: int, stages: int, warps: int, scales: bool) -> dict:
+def run(batch: int, mode: int, tile: int, stages: int, warps: int, scales: int) -> dict:
     nb = batch * CONTEXT // BS
     k = torch.randn(LAYERS, nb, HKV, BS, D, device="cuda", dtype=torch.bfloat16)
     if mode:
@@ -83,17 +101,17 @@ def run(batch: int, mode: int, tile: int, stages: int, warps: int, scales: bool)
 
     ms = time_graph(lambda: [layer(i) for i in range(LAYERS)], calls=1, replays=10) * 1e3 / LAYERS
     gb = k[0].numel() * k.element_size() / 1e9
-    return dict(batch=batch, mode=NAMES[mode], scales=scales, tile=tile, stages=stages, warps=warps, ms=ms,
+    return dict(batch=batch, mode=NAMES[mode], scales=SCALES[scales], tile=tile, stages=stages, warps=warps, ms=ms,
                 TBps=gb / ms)
 
 
 def main():
     if sys.argv[1:2] == ["one"]:
-        print(run(int(sys.argv[3]), int(sys.argv[2]), 128, 3, 4, int(sys.argv[2]) != 0))
+        print(run(int(sys.argv[3]), int(sys.argv[2]), 128, 3, 4, 2 if int(sys.argv[2]) else 0))
         return
-    rows = [run(23, 0, 128, 3, 4, False)]
-    for mode in (1, 2, 3, 4):
-        for scales in (False, True):
+    rows = [run(23, 0, 128, 3, 4, 0)]
+    for mode in (1, 2, 3, 4, 5):
+        for scales in SCALES:
             for tile, stages, warps in ((128, 3, 4), (128, 4, 4), (256, 2, 4), (256, 3, 8), (512, 2, 8)):
                 rows.append(run(46, mode, tile, stages, warps, scales))
                 print(json.dumps(rows[-1]), flush=True)

@@ -1,8 +1,9 @@
-"""Tokens per K tile of the decode kernels: the KCache scan (`chunk_scores`) and the full decode, bf16 and FP8 K.
+"""Tokens per K tile and pipeline stages of the decode kernels: the KCache scan (`chunk_scores`) and the full
+decode, bf16 and FP8 K.
 
 Four layers of Llama-3.1-8B attention shapes at 32k tokens, block tables a random permutation; ms per layer for
 each tile size. An FP8 tile of 64 tokens moves half the bytes of a bf16 one, so fewer bytes are in flight per
-program. The winners are `SCAN_TILE` and `FULL_TILE` in kcache/attention/triton_decode.py.
+program. The winners are `SCAN_TILE`, `FULL_TILE` and `K_STAGES` in kcache/attention/triton_decode.py.
 
     python benchmarks/tile_probe.py      # writes $OUT/tile_probe.json when OUT is set
 """
@@ -18,6 +19,7 @@ from kcache.attention import triton_decode as td
 
 LAYERS, HQ, HKV, D, BS, CONTEXT = 4, 32, 8, 128, 16, 32768
 TILES = (64, 128, 256)
+STAGES = (2, 3, 4)  # swept at the default tiles
 
 
 def per_layer_ms(fn) -> float:
@@ -55,6 +57,14 @@ def sweep(batch: int, fp8: bool) -> list[dict]:
                          "ms_per_layer": per_layer_ms(fn)})
             print(json.dumps(rows[-1]), flush=True)
     td.SCAN_TILE, td.FULL_TILE = default
+    default_stages = td.K_STAGES
+    for stages in STAGES:
+        td.K_STAGES = stages
+        for name, fn in kernels.items():
+            rows.append({"kernel": name, "k_dtype": "fp8" if fp8 else "bf16", "batch": batch, "stages": stages,
+                         "ms_per_layer": per_layer_ms(fn)})
+            print(json.dumps(rows[-1]), flush=True)
+        td.K_STAGES = default_stages
     return rows
 
 

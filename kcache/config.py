@@ -12,6 +12,10 @@ MAX_CHUNK_TOKENS = 64  # the decode kernels' K tile: a chunk never spans two til
 class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
+    def updated(self, **changes):
+        """A copy with `changes`, validated as a new config is (pydantic's model_copy skips validation)."""
+        return type(self).model_validate({**self.model_dump(), **changes})
+
 
 class KCacheConfig(_Frozen):
     """How KCache approximates decode attention.

@@ -194,6 +194,16 @@ def test_kv_cache_dtype_is_validated_and_defaults_to_auto():
         EngineConfig(kv_cache_dtype="int8")
 
 
+def test_an_updated_config_is_validated_like_a_new_one():
+    """The bench derives each mode's config from the command line's: an FP8 host V on the full cache is refused
+    there as it is when built (model_copy would have let it through)."""
+    base = EngineConfig(host_v_dtype="fp8", kcache=KCacheConfig(top_n=64))
+    assert base.updated(enable_prefix_caching=False).kcache.top_n == 64
+    with pytest.raises(ValueError, match="host_v_dtype"):
+        base.updated(cache="full")
+    assert base.updated(cache="full", host_v_dtype="auto").cache == "full"
+
+
 # ---- the Triton kernels, under the interpreter on CPU (or on a GPU) ---------------------------------------------
 
 def _triton_device():

@@ -44,6 +44,7 @@ from kcache.config import KCacheConfig
 # with FP8 K and V (batch 46): an FP8 tile holds half the bytes, so it wants twice the tokens in flight.
 SCAN_TILE = 128
 FULL_TILE = {2: 64, 4: 64, 1: 128}  # by the K pool's element size
+K_STAGES = 3  # the software pipeline's depth over K tiles (scan and full decode)
 BLOCK_L = 1024  # chunks ranked per program (each keeps its local top NP)
 RANK_WARPS = 8  # warps of a rank program: its bitonic top-k trades shuffles against shared-memory rounds
 MERGE_KEYS = 4096  # keys per merge program (its register tile)
@@ -476,7 +477,7 @@ def full_decode(q, k_cache, v_cache, block_tables, lengths, scale=None, k_scales
         q, k_cache, v_cache, _scales_arg(k_scales, k_cache), _scales_arg(v_scales, v_cache), block_tables, lengths,
         acc, m, l, scale, block_tables.shape[1], per_split, HKV=Hkv, G=G, D=D, BS=bs, BG=_pad_rows(G),
         BLOCK_N=tile, PREC=_dot_precision(q.dtype), KQ=k_scales is not None, VQ=v_scales is not None,
-        QP=_query_split(q, k_cache), num_warps=4, num_stages=3,
+        QP=_query_split(q, k_cache), num_warps=4, num_stages=K_STAGES,
     )
     out = torch.empty_like(q)
     _full_reduce_kernel[(B * H,)](acc, m, l, out, S, D=D, SP=triton.next_power_of_2(S), num_warps=4)
@@ -496,7 +497,7 @@ def chunk_scores(q, k_cache, block_tables, lengths, chunk_tokens: int, scale: fl
         q, k_cache, _scales_arg(k_scales, k_cache), block_tables, lengths, lse, m, l, scale, block_tables.shape[1],
         per_split, LC, HKV=Hkv, G=G, D=D, BS=bs, BG=_pad_rows(G), BLOCK_N=SCAN_TILE, C=chunk_tokens,
         PREC=_dot_precision(q.dtype), KQ=k_scales is not None, QP=_query_split(q, k_cache), num_warps=4,
-        num_stages=3,
+        num_stages=K_STAGES,
     )
     return lse, m, l
 

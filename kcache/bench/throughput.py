@@ -246,9 +246,9 @@ def run(args) -> int:
     results, outputs = {}, {}
     for cache in caches:
         for cached in prefix:
-            cfg = base.model_copy(update={"cache": cache, "enable_prefix_caching": cached,
-                                          "max_model_len": base.max_model_len or longest,
-                                          "host_v_dtype": base.host_v_dtype if cache == "kcache" else "auto"})
+            # --host-v-dtype is KCache's host pool: the full cache of a --compare run has none
+            cfg = base.updated(cache=cache, enable_prefix_caching=cached, max_model_len=base.max_model_len or longest,
+                               host_v_dtype=base.host_v_dtype if cache == "kcache" else "auto")
             results[name(cache, cached)], outputs[name(cache, cached)] = run_mode(cfg, loaded, args, text)
     ratios = {}
     if args.compare:
