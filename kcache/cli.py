@@ -85,6 +85,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     m.add_argument("--device-memory-fraction", type=float, default=d("device_memory_fraction"), help="share of device memory kcache may use (CUDA)")
     m.add_argument("--device-cache-gb", type=float, default=None, help="explicit device pool size in GiB (per GPU under TP)")
     m.add_argument("--enforce-eager", action="store_true", default=d("enforce_eager"), help="run decode without CUDA graphs")
+    m.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=d("async_scheduling"),
+                   help="launch each decode step before the previous step's tokens reach the host")
     m.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=d("enable_prefix_caching"),
                    help="share the cached blocks of prompt prefixes across requests")
     m.add_argument("--host-cache-gb", type=float, default=None, help="host V pool size in GiB, per rank under TP (default: as many tokens as the device pool)")
@@ -110,7 +112,7 @@ def engine_config_from_args(args, **overrides):
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         device_memory_fraction=args.device_memory_fraction, device_cache_bytes=gib(args.device_cache_gb),
         host_cache_bytes=gib(args.host_cache_gb), seed=args.seed, enforce_eager=args.enforce_eager,
-        enable_prefix_caching=args.enable_prefix_caching,
+        async_scheduling=args.async_scheduling, enable_prefix_caching=args.enable_prefix_caching,
         tensor_parallel_size=args.tensor_parallel_size,
     )
     fields.update(overrides)

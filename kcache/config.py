@@ -125,6 +125,9 @@ class EngineConfig(_Frozen):
     host_cache_bytes: int | None = Field(None, ge=1, description="host V pool size; default: as many tokens as the device pool")
     seed: int = 0
     enforce_eager: bool = Field(False, description="never capture CUDA graphs for decode")
+    async_scheduling: bool = Field(
+        True, description="launch each decode step before the previous one's tokens reach the host, so the device "
+        "never waits on the host's bookkeeping (single GPU; a row of a sequence that stops by EOS is computed for nothing)")
     enable_prefix_caching: bool = Field(
         True, description="requests that share a prompt prefix share its cached blocks (device K, host V) and "
         "prefill only the rest")

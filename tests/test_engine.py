@@ -283,3 +283,72 @@ def test_chunk_size_is_checked_against_the_cache_block_size():
     assert cache.spec.host_bytes_per_token == 2 * 16 * 4
     with pytest.raises(ValueError, match="multiple of chunk_tokens"):
         cache.use(KCacheConfig(chunk_tokens=64))
+
+
+@pytest.fixture(scope="module")
+def cuda_llama(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("engine-llama-cuda")
+    save_tiny("llama", folder, seed=1)
+    return loader.load(str(folder), dtype="float32", device="cuda")
+
+
+def engine_on(device, request, cache, kcfg, **kw):
+    """The tiny model's engine on the CPU, or on CUDA with its decode graphs."""
+    if device == "cpu":
+        return make_engine(request.getfixturevalue("llama"), cache, kcfg, **kw)
+    return LLMEngine(EngineConfig(model="unused", cache=cache, kcache=kcfg, device="cuda", max_model_len=256,
+                                  max_num_seqs=16, device_cache_bytes=16 << 20, host_cache_bytes=16 << 20, **kw),
+                     request.getfixturevalue("cuda_llama"))
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA")])])
+@pytest.mark.parametrize("cache", ["full", "kcache"])
+def test_running_decode_steps_ahead_changes_no_output(request, device, cache):
+    """Async scheduling against the engine that waits for every step's tokens: the same tokens, stop reasons and
+    stats, with sequences stopping by a stop token (their row of the step launched ahead is dropped), by length at
+    different steps, sampled with seeds, arriving mid-run and aborted mid-run; and no block left held. On CUDA the
+    steps launched ahead replay graphs fed the tokens on the device."""
+    kcfg = KCacheConfig(top_n=8, sink_tokens=1, recent_tokens=2)
+    ps = prompts(6, seed=7)
+    engine = engine_on(device, request, cache, kcfg)
+    probe = run_all(engine, ps[2:3], SamplingParams(max_tokens=6, ignore_eos=True))[0]
+    engine.close()
+    params = [SamplingParams(max_tokens=20, ignore_eos=True), SamplingParams(max_tokens=9, ignore_eos=True),
+              SamplingParams(max_tokens=20, stop_token_ids=(probe.token_ids[3],)),
+              SamplingParams(max_tokens=15, temperature=0.8, top_p=0.9, seed=3, ignore_eos=True),
+              SamplingParams(max_tokens=12, ignore_eos=True), SamplingParams(max_tokens=30, ignore_eos=True)]
+
+    def run(async_scheduling):
+        engine = engine_on(device, request, cache, kcfg, async_scheduling=async_scheduling)
+        assert bool(engine.runner.graphs) == (device == "cuda")
+        outs: dict[str, list] = {}
+        add = lambda p, sp: engine.add_request(p, sp, on_output=lambda o: outs.setdefault(o.request_id, []).append(o))  # noqa: E731
+        ids = [add(p, sp) for p, sp in zip(ps[:4], params)]
+        records, steps = [], 0
+        while engine.has_unfinished():
+            engine.step()
+            records.append(engine.last_step)
+            steps += 1
+            if steps == 8:  # arrivals while decode steps run ahead
+                ids += [add(p, sp) for p, sp in zip(ps[4:], params[4:])]
+            if len(ids) > 5 and len(outs.get(ids[5], [])) == 2:  # by its progress: arrivals wait for the step ahead
+                engine.abort(ids[5])
+        assert engine.blocks.num_used == 0
+        engine.close()
+        finals = [outs[i][-1] for i in ids]
+        streamed = [[t for o in outs[i] for t in o.new_token_ids] for i in ids]
+        return finals, streamed, [r for r in records if r is not None]
+
+    a_out, a_streamed, a_steps = run(True)
+    s_out, s_streamed, s_steps = run(False)
+    assert [o.token_ids for o in a_out] == [o.token_ids for o in s_out]
+    assert a_streamed == s_streamed == [o.token_ids for o in s_out]
+    assert [o.finish_reason for o in a_out] == [o.finish_reason for o in s_out]
+    assert [o.finish_reason for o in s_out][2:] == ["stop", "length", "length", "abort"]
+    for a, s in zip(a_out, s_out):
+        assert a.metrics["mass_kept_mean"] == pytest.approx(s.metrics["mass_kept_mean"], abs=1e-6)
+        assert a.metrics["v_bytes_read"] == s.metrics["v_bytes_read"]
+    assert sum(r.overlapped for r in a_steps) > 10 and not any(r.overlapped for r in s_steps)
+    decoded = lambda steps: sum(r.num_tokens for r in steps if not r.is_prefill)  # noqa: E731
+    assert decoded(a_steps) == decoded(s_steps)  # tokens delivered, not rows computed

@@ -168,6 +168,7 @@ def summarize(engine, finished, steps, elapsed: float) -> dict:
         "decode_tokens_per_s": _tokens_per_s(decode),
         "full_batch_decode_tokens_per_s": _tokens_per_s(full_batch),
         "full_batch_decode_steps": len(full_batch),
+        "decode_steps_overlapped": sum(s.overlapped for s in decode),  # the next step was launched before their tokens were fetched
         "mean_decode_batch": sum(s.num_tokens for s in decode) / len(decode) if decode else float("nan"),
         "decode_seconds": decode_s,
         "prefill_seconds": sum(s.seconds for s in prefill),

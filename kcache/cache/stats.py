@@ -17,6 +17,11 @@ class DecodeStats:
     v_bytes: torch.Tensor  # [B] float32: V bytes this rank read from host memory (counted by the attention op)
     samples: int  # (layer, head) pairs summed into mass_sum per row
 
+    def select(self, rows: list[int]) -> "DecodeStats":
+        """The stats of these rows only."""
+        idx = torch.tensor(rows, dtype=torch.long, device=self.mass_sum.device)
+        return DecodeStats(self.mass_sum[idx], self.mass_min[idx], self.v_bytes[idx], self.samples)
+
     def mass_mean(self) -> torch.Tensor:
         """[B] mean mass kept per row."""
         return self.mass_sum / self.samples

@@ -52,12 +52,16 @@ class BlockManager:
 
     # ---- plain allocation (the scheduler's decode steps, the evaluation, LLM.score) ----------------------------
 
-    def can_allocate(self, seq: Sequence, reserve: int = 0) -> bool:
-        return self.blocks_for(seq.num_tokens) - len(seq.block_table) + reserve <= self.num_free
+    def blocks_needed(self, seq: Sequence, ahead: int = 0) -> int:
+        """Fresh blocks the sequence needs for its tokens and `ahead` more (sampled on the device, not yet known)."""
+        return self.blocks_for(seq.num_tokens + ahead) - len(seq.block_table)
 
-    def allocate(self, seq: Sequence) -> None:
-        """Give the sequence fresh blocks for all its tokens."""
-        need = self.blocks_for(seq.num_tokens) - len(seq.block_table)
+    def can_allocate(self, seq: Sequence, reserve: int = 0) -> bool:
+        return self.blocks_needed(seq) + reserve <= self.num_free
+
+    def allocate(self, seq: Sequence, ahead: int = 0) -> None:
+        """Give the sequence fresh blocks for all its tokens and `ahead` more."""
+        need = self.blocks_needed(seq, ahead)
         assert need <= self.num_free, "allocate() without can_allocate()"
         seq.block_table.extend(self._take_free() for _ in range(need))
 
@@ -85,12 +89,17 @@ class BlockManager:
 
     # ---- admission with prefix caching ------------------------------------------------------------------------
 
+    def can_admit(self, seq: Sequence, reserve: int = 0, hit: list[int] | None = None) -> bool:
+        """Whether admit(seq, reserve) would succeed (hit: seq's cached prefix, if looked up already)."""
+        hit = self.cached_prefix(seq) if hit is None else hit
+        taken_from_free = sum(self.refs[b] == 0 for b in hit)  # cached-but-unheld blocks are free blocks too
+        return self.blocks_for(seq.num_tokens) - len(hit) + taken_from_free + reserve <= self.num_free
+
     def admit(self, seq: Sequence, reserve: int = 0) -> bool:
         """Give a sequence without blocks its longest cached prefix and fresh blocks for the rest of its tokens, if
         that leaves `reserve` blocks free; the prefix's tokens count as cached, so prefill starts after them."""
         hit = self.cached_prefix(seq)
-        taken_from_free = sum(self.refs[b] == 0 for b in hit)  # cached-but-unheld blocks are free blocks too
-        if self.blocks_for(seq.num_tokens) - len(hit) + taken_from_free + reserve > self.num_free:
+        if not self.can_admit(seq, reserve, hit):
             return False
         for b in hit:
             if self.refs[b] == 0:

@@ -4,6 +4,12 @@ A step reads as schedule -> run -> sample -> postprocess -> emit: the scheduler 
 returns logits and what the step measured (DecodeStats, on the device), the sampler fetches both in one copy,
 the scheduler advances the sequences, and the engine checks the stop conditions and emits each request's new
 tokens and text.
+
+Decode steps run one ahead (`async_scheduling`): before the host waits for step N's tokens, it schedules and
+launches step N+1, whose input ids are N's tokens on the device, so the device runs N+1 while the host accounts N
+(and the graph launch and Python of each step leave the device busy). A sequence that stops at N by EOS or a stop
+string has had its row of N+1 computed for nothing; that row is dropped. Stops by length are known beforehand:
+those sequences are left out of N+1.
 """
 from __future__ import annotations
 
@@ -19,7 +25,7 @@ from kcache.distributed import comm
 from kcache.engine.block_manager import BlockManager
 from kcache.engine.detokenize import TextStream
 from kcache.engine.rank import load_rank, start_rank
-from kcache.engine.sampling import sample
+from kcache.engine.sampling import Sampled, sample, sample_async
 from kcache.engine.scheduler import Scheduler
 from kcache.engine.sequence import Sequence
 from kcache.engine.workers import Workers
@@ -45,10 +51,19 @@ class RequestOutput:
 
 
 @dataclass
+class DecodeStep:
+    """A decode step launched on the device, its tokens not yet on the host."""
+
+    seqs: list[Sequence]
+    sampled: Sampled
+
+
+@dataclass
 class StepRecord:
     is_prefill: bool
-    seconds: float
+    seconds: float  # the step() call, scheduling included
     num_tokens: int
+    overlapped: bool = False  # a decode step whose host accounting overlapped the next step, launched ahead
 
 
 class LLMEngine:
@@ -82,6 +97,8 @@ class LLMEngine:
         self.callbacks: dict[str, Callable[[RequestOutput], None]] = {}
         self.last_step: StepRecord | None = None
         self._ids = itertools.count()
+        self.run_ahead = cfg.async_scheduling and self.tp == 1  # other ranks would need the ids on the host
+        self._inflight: DecodeStep | None = None  # the decode step launched ahead, accounted by the next step()
 
     def _start_workers(self) -> int:
         """Ranks 1..N-1; returns the port of the process group they are joining."""
@@ -130,30 +147,67 @@ class LLMEngine:
         return True
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_work()
+        return self.scheduler.has_work() or self._inflight is not None
 
     # ---- stepping -------------------------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
+        """Run (or, for a decode step launched ahead, finish) one step; the outputs of the requests it advanced."""
         self.last_step = None
-        chunks, is_prefill = self.scheduler.schedule()
-        if not chunks:
-            return []
         t0 = time.perf_counter()
-        if is_prefill:
-            logits, stats = self.runner.prefill(chunks), None
-        else:
-            logits, stats = self.runner.decode([s for s, _ in chunks])
-        tokens, rows = [], self.scheduler.sampled_rows(chunks)
+        done, self._inflight = self._inflight, None
+        if done is None:
+            chunks, is_prefill = self.scheduler.schedule()
+            if not chunks:
+                return []
+            if is_prefill:
+                return self._prefill(chunks, t0)
+            done = self._launch([s for s, _ in chunks])
+        if self.run_ahead:
+            self._inflight = self._launch_ahead(done)
+        outputs = self._complete(done)
+        self.last_step = StepRecord(False, time.perf_counter() - t0, len(outputs), self._inflight is not None)
+        return outputs
+
+    def _prefill(self, chunks: list[tuple[Sequence, int]], t0: float) -> list[RequestOutput]:
+        logits, tokens, rows = self.runner.prefill(chunks), [], self.scheduler.sampled_rows(chunks)
         if rows:
             if len(rows) < logits.shape[0]:  # some prefill chunks did not finish their prompt
                 logits = logits[torch.tensor(rows, device=logits.device)]
             seqs = [chunks[i][0] for i in rows]
-            tokens, stats = sample(logits, [s.params for s in seqs], [s.generator for s in seqs], stats)
-        seqs = self.scheduler.postprocess(chunks, tokens, stats, time.perf_counter())
+            tokens, _ = sample(logits, [s.params for s in seqs], [s.generator for s in seqs])
+        seqs = self.scheduler.postprocess(chunks, tokens, None, time.perf_counter())
         outputs = [self._stop_or_continue(s) for s in seqs]
-        self.last_step = StepRecord(is_prefill, time.perf_counter() - t0, sum(n for _, n in chunks))
+        self.last_step = StepRecord(True, time.perf_counter() - t0, sum(n for _, n in chunks))
         return outputs
+
+    def _launch(self, seqs: list[Sequence], ahead: torch.Tensor | None = None) -> DecodeStep:
+        """Run a decode step and start its sampling, without waiting for it (ahead: see ModelRunner.decode)."""
+        logits, stats = self.runner.decode(seqs, ahead)
+        return DecodeStep(seqs, sample_async(logits, [s.params for s in seqs], [s.generator for s in seqs], stats))
+
+    def _launch_ahead(self, done: DecodeStep) -> DecodeStep | None:
+        """The next decode step, launched while `done` runs, if the scheduler can tell it now (Scheduler.schedule_ahead)."""
+        keep = [i for i, s in enumerate(done.seqs) if not self._ends_by_length(s, 1)]
+        continuing = [done.seqs[i] for i in keep]
+        if not self.scheduler.schedule_ahead(done.seqs, continuing):
+            return None
+        ids = done.sampled.tokens
+        if len(keep) < len(done.seqs):  # the rows' index through pinned memory: a pageable copy would wait for `done`
+            rows = torch.tensor(keep)
+            ids = ids[(rows.pin_memory() if ids.is_cuda else rows).to(ids.device, non_blocking=True)]
+        return self._launch(continuing, ids)
+
+    def _complete(self, done: DecodeStep) -> list[RequestOutput]:
+        """Wait for a decode step's tokens and account them, for its sequences still live (one that stopped or was
+        aborted after the step was launched gets nothing)."""
+        tokens, stats = done.sampled.fetch()
+        live = [i for i, s in enumerate(done.seqs) if not s.is_finished]
+        if len(live) < len(done.seqs):
+            tokens = [tokens[i] for i in live]
+            stats = None if stats is None else stats.select(live)
+        seqs = self.scheduler.postprocess([(done.seqs[i], 1) for i in live], tokens, stats, time.perf_counter())
+        return [self._stop_or_continue(s) for s in seqs]
 
     def _stop_or_continue(self, seq: Sequence) -> RequestOutput:
         """After a sequence got its token: finish it if a stop condition holds; its output either way."""
@@ -169,9 +223,14 @@ class LLMEngine:
         stop_string = seq.text is not None and seq.text.update(seq.token_ids)  # decodes the token's text: every step
         if (token in self.eos_ids and not p.ignore_eos) or token in p.stop_token_ids or stop_string:
             return "stop"
-        if seq.num_tokens - seq.num_prompt >= p.max_tokens or seq.num_tokens >= self.max_model_len:
+        if self._ends_by_length(seq):
             return "length"
         return None
+
+    def _ends_by_length(self, seq: Sequence, more: int = 0) -> bool:
+        """Whether the sequence has reached its length limit, or will `more` tokens on."""
+        n = seq.num_tokens + more
+        return n - seq.num_prompt >= seq.params.max_tokens or n >= self.max_model_len
 
     def _emit(self, seq: Sequence, new: list[int]) -> RequestOutput:
         text = self._text(seq) if seq.is_finished else ""
@@ -220,6 +279,7 @@ class LLMEngine:
 
     def close(self) -> None:
         """Release the cache pools (the host pool's CUDA registration included) and stop the TP workers."""
+        self._inflight = None  # a step launched ahead for sequences that have all stopped; the pools' close waits for it
         self.cache.close()
         self._stop_workers()
 

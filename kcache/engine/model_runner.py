@@ -69,6 +69,7 @@ class ModelRunner:
 
     def run(self, kind: str, inputs: dict) -> torch.Tensor | None:
         """Send the step to the other ranks (if any), then run it here."""
+        assert not (self.followers and isinstance(inputs.get("ids"), torch.Tensor)), "device ids cannot reach other ranks"
         for conn in self.followers:
             conn.send((kind, inputs))
         return self.execute(kind, inputs)
@@ -113,12 +114,15 @@ class ModelRunner:
         last = self._tensor([s + n - 1 for s, n in zip(starts, lens)])
         return self.model.logits(hidden[last])
 
-    def decode(self, seqs: list[Sequence]) -> tuple[torch.Tensor, DecodeStats | None]:
-        """One token per sequence (its last, not yet cached); (logits [B, V], what the step measured)."""
+    def decode(self, seqs: list[Sequence], ahead: torch.Tensor | None = None) -> tuple[torch.Tensor, DecodeStats | None]:
+        """One token per sequence (its last, not yet cached); (logits [B, V], what the step measured). With `ahead`,
+        the tokens [B] the step before is sampling for seqs, on the device: each sequence decodes that token, one
+        position past what the host knows of it (the engine's run-ahead; one rank only: the ids never reach the host)."""
         tables = self.block_tables(seqs)
-        pos = np.array([s.num_tokens - 1 for s in seqs])
+        pos = np.array([s.num_tokens for s in seqs]) - (1 if ahead is None else 0)
         slots = tables[np.arange(len(seqs)), pos // self.block_size].astype(np.int64) * self.block_size + pos % self.block_size
-        logits = self.run("decode", dict(ids=[s.token_ids[-1] for s in seqs], pos=pos, slots=slots, tables=tables, lens=pos + 1))
+        ids = [s.token_ids[-1] for s in seqs] if ahead is None else ahead
+        logits = self.run("decode", dict(ids=ids, pos=pos, slots=slots, tables=tables, lens=pos + 1))
         return logits, self._measured(len(seqs))
 
     def _decode(self, ids, pos, slots, tables, lens):
@@ -192,12 +196,16 @@ class ModelRunner:
         gv["staged"].synchronize()  # the previous step's copy has left the buffer
         host = gv["staging"][:B * (4 + width)].view(B, 4 + width)
         rows = host.numpy()
-        rows[:, 0], rows[:, 1], rows[:, 2], rows[:, 3], rows[:, 4:] = ids, pos, slots, lens, tables
+        on_device = isinstance(ids, torch.Tensor)  # sampled by the step before, not yet on the host
+        rows[:, 0] = 0 if on_device else ids
+        rows[:, 1], rows[:, 2], rows[:, 3], rows[:, 4:] = pos, slots, lens, tables
         packed = gv["staging_dev"][:host.numel()].view_as(host)
         packed.copy_(host, non_blocking=True)
         gv["staged"].record()
         for i, name in enumerate(("ids", "pos", "slots", "lens")):
             gv[name][:B] = packed[:, i]
+        if on_device:
+            gv["ids"][:B] = ids
         gv["tables"][:bucket] = self.scratch_block
         gv["tables"][:B, :width] = packed[:, 4:]
         gv["slots"][B:bucket] = self.scratch_block * self.block_size

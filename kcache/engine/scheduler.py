@@ -10,6 +10,11 @@ step, and then shares it: a burst of requests over one document prefills the doc
 sequence is preempted by recompute: its blocks are freed and it is re-queued at the front, to be prefilled
 again (exactly) with its generated tokens. Recompute needs no swap space and prefill is compute-bound and
 fast; swapping K out would cost PCIe traffic both ways, and in KCache mode V already lives on the host.
+
+Running ahead (`schedule_ahead`): while a decode step runs on the device, the next one can be scheduled before its
+tokens reach the host, each sequence one token further than the host knows it, when nothing else would change
+the batch: no prompt is admissible, no sequence needs preempting. Otherwise the engine accounts the step first
+and calls schedule().
 """
 from __future__ import annotations
 
@@ -79,6 +84,26 @@ class Scheduler:
                 scheduled.append(seq)
         self.running.extendleft(reversed(scheduled))
         return scheduled
+
+    def schedule_ahead(self, inflight: list[Sequence], continuing: list[Sequence]) -> bool:
+        """While the decode step of `inflight` runs: schedule the next decode step for `continuing` (those of them
+        that will not stop by length at it), giving each the blocks for the token being sampled for it now. False
+        (nothing changed) when schedule() would choose otherwise: a prompt to admit or a sequence to preempt."""
+        if not continuing or list(self.running) != inflight or self._prefill_due():
+            return False
+        if sum(self.blocks.blocks_needed(s, ahead=1) for s in continuing) > self.blocks.num_free:
+            return False
+        for seq in continuing:
+            self.blocks.allocate(seq, ahead=1)
+        self.max_running = max(self.max_running, len(continuing))
+        return True
+
+    def _prefill_due(self) -> bool:
+        """Whether schedule() would run a prefill now: a prompt waits, mid-prefill or admissible."""
+        if not self.waiting or (self.last_was_prefill and self.running) or len(self.running) >= self.max_num_seqs:
+            return False
+        first = self.waiting[0]
+        return bool(first.block_table) or self.blocks.can_admit(first, reserve=len(self.running))
 
     def preempt(self, seq: Sequence) -> None:
         self.blocks.release(seq)
