@@ -54,7 +54,11 @@ SPLIT_WEIGHTS = True  # 16-bit q: weights as two 16-bit halves on the tensor cor
 STAGE_ROWS = 16  # V rows one staging program copies from host memory (whole chunks, at least one)
 STAGE_WARPS = 2
 MAX_SPLITS = 64  # bounds the reduce's register tile [splits, head_dim]
-PROGRAMS_PER_SM = 4  # split until batch * kv_heads * splits reaches this many programs per SM
+# Split until batch * kv_heads * splits reaches this many programs per SM. Few splits leave a part-filled last wave
+# of programs: the lent H200's full decode at 32k took 0.98 ms per layer at batch 23 with 4 (3 splits), 0.74 with
+# 16; 0.334 / 0.338 at batch 11; FP8 K and V 1.04 / 0.82 at batch 23, 1.63 / 1.65 at 46; the KCache op over 32
+# layers at batch 23 15.69 / 15.58 ms (benchmarks/results/launch_probe_h200.json).
+PROGRAMS_PER_SM = 16
 # KCache decode in this many batch slices, each slice's host copy on a side stream while the next slice's K scan
 # runs: PCIe and HBM are separate resources. 1: no slicing. Not yet measured on a GPU, so off.
 OVERLAP_SLICES = 1
