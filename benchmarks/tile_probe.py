@@ -76,10 +76,10 @@ def tiles(batch: int, fp8: bool) -> list[dict]:
 
 
 def programs(batch: int, fp8: bool) -> list[dict]:
-    fns, rows, default = kernels(batch, fp8), [], td.PROGRAMS_PER_SM
+    fns, rows, dtype, default = kernels(batch, fp8), [], "fp8" if fp8 else "bf16", td.PROGRAMS_PER_SM
     for per_sm in PROGRAMS:
         td.PROGRAMS_PER_SM = per_sm
-        rows += measure(fns, fns, k_dtype="fp8" if fp8 else "bf16", batch=batch, programs_per_sm=per_sm)
+        rows += measure(fns, fns, k_dtype=dtype, batch=batch, programs_per_sm=per_sm)
     td.PROGRAMS_PER_SM = default
     return rows
 

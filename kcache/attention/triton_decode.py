@@ -60,7 +60,8 @@ MAX_SPLITS = 64  # bounds the reduce's register tile [splits, head_dim]
 # layers at batch 23 15.69 / 15.58 ms (benchmarks/results/launch_probe_h200.json).
 PROGRAMS_PER_SM = 16
 # KCache decode in this many batch slices, each slice's host copy on a side stream while the next slice's K scan
-# runs: PCIe and HBM are separate resources. 1: no slicing. Not yet measured on a GPU, so off.
+# runs: PCIe and HBM are separate resources. 1: no slicing. Off: 2 slices measured slower on the lent H200 (17.4 against
+# 16.9 ms per step at batch 25, 32k, N=64; benchmarks/README.md).
 OVERLAP_SLICES = 1
 
 
