@@ -15,7 +15,7 @@ def test_compare_writes_json_and_kcache_admits_more(tiny_chat_model, tmp_path, c
                "--max-model-len", "64", "--output-json", str(out)])
     assert rc == 0
     printed = capsys.readouterr().out
-    assert "kcache/full" in printed and "decode_tokens_per_s" in printed
+    assert "kcache/full" in printed and "decode_tokens_per_s" in printed and "decode_steps_overlapped" in printed
     table = [line for line in printed.splitlines() if line.startswith(("metric ", "full_batch_decode_tokens_per_s "))]
     assert len(table) == 2 and len({len(line) for line in table}) == 1  # the longest name still leaves the columns aligned
     data = json.loads(out.read_text())
@@ -27,6 +27,7 @@ def test_compare_writes_json_and_kcache_admits_more(tiny_chat_model, tmp_path, c
         # steady state: 8 prompts of 16 tokens in waves of the largest batch, each wave 15 decode steps at full batch
         assert mode["full_batch_decode_steps"] >= 15 and mode["full_batch_decode_tokens_per_s"] > 0
         assert 1 <= mode["mean_decode_batch"] <= mode["max_concurrent_seqs"]
+        assert mode["decode_steps_overlapped"] > 0  # async scheduling, the default, ran steps ahead
     assert data["results"]["full"]["max_concurrent_seqs"] == 2
     assert data["results"]["kcache"]["max_concurrent_seqs"] == 4
     assert data["kcache_over_full"]["max_concurrent_seqs"] == 2

@@ -206,7 +206,7 @@ def machine() -> dict:
 def print_table(results: dict[str, dict], ratios: dict[str, dict]) -> None:
     """One column per run, then one per ratio (named 'a/b')."""
     rows = ["requests_per_s", "output_tokens_per_s", "prefill_tokens_per_s", "decode_tokens_per_s",
-            "full_batch_decode_tokens_per_s",
+            "full_batch_decode_tokens_per_s", "decode_steps_overlapped",
             "mean_decode_batch", "mean_ttft_s", "mean_ttft_after_first_s", "p50_ttft_s", "p99_ttft_s",
             "mean_tpot_s", "p50_tpot_s", "p99_tpot_s", "max_concurrent_seqs", "preemptions",
             "prefill_tokens", "prefix_cached_tokens_per_request", "pool_tokens", "device_pool_bytes", "host_pool_bytes", "mass_kept_mean"]
