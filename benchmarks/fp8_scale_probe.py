@@ -4,7 +4,9 @@ Prefills a text with the full cache (exact), records every layer's post-RoPE que
 then quantises K both ways (e4m3, scale = amax / 448 over one row, or over the block_size rows of one block and
 head), and per row after subtracting each channel's mean over the text (softmax is invariant to the shift q . mean,
 so a follow-up could store K - mean; here the mean sees the whole text, an upper bound on that gain), per row with
-the first SINKS tokens (the attention sinks) kept exact, and, for scale, K rounded to bf16; and measures,
+the first SINKS tokens (the attention sinks) kept exact, per row with each head's OUTLIERS channels of largest
+mean |k| x mean |q| over the text kept exact (the rest FP8 under its own row scale; the channels are a property of
+the model, so a calibration text could fix them), and, for scale, K rounded to bf16; and measures,
 per layer and head, the relative error of the dequantised K and the KL divergence of each query's causal softmax
 over the dequantised K from the exact one (the distribution KCache ranks chunks by).
 
@@ -24,6 +26,17 @@ from kcache.llm import LLM
 
 BLOCK = 16  # the engine's default block size
 SINKS = 4
+OUTLIERS = (4, 8, 16)
+
+
+def outliers_exact(q: torch.Tensor, k: torch.Tensor, n: int) -> torch.Tensor:
+    """k [T, Hkv, D] with each head's n channels of largest mean |k| x mean |q| (its query group's) exact and the
+    rest per row in FP8, float32."""
+    T, Hkv, D = k.shape
+    weight = k.abs().mean(0) * q.abs().view(T, Hkv, -1, D).mean((0, 2))  # [Hkv, D]: a channel's share of the logits
+    keep = torch.zeros(Hkv, D, dtype=torch.bool).scatter_(1, weight.topk(n, -1).indices, True)
+    rest = ref.dequantize(*ref.quantize(k.masked_fill(keep, 0.0)), torch.float32)
+    return torch.where(keep, k, rest)
 
 
 def quantize_blocks(k: torch.Tensor) -> torch.Tensor:
@@ -83,13 +96,15 @@ def main() -> None:
         rows.append(dict(layer=layer, k_rel_err_token=err(per_token), k_rel_err_block=err(per_block),
                          k_rel_err_centred=err(centred), kl_token=causal_kl(q, k, per_token).tolist(),
                          kl_block=causal_kl(q, k, per_block).tolist(), kl_centred=causal_kl(q, k, centred).tolist(),
-                         kl_sinks_exact=causal_kl(q, k, sinks_exact).tolist(), kl_bf16=causal_kl(q, k, bf16).tolist()))
+                         kl_sinks_exact=causal_kl(q, k, sinks_exact).tolist(), kl_bf16=causal_kl(q, k, bf16).tolist(),
+                         **{f"kl_outliers_{n}": causal_kl(q, k, outliers_exact(q, k, n)).tolist() for n in OUTLIERS}))
         print(f"layer {layer:2d}: K rel err token {max(rows[-1]['k_rel_err_token']):.4f} block "
               f"{max(rows[-1]['k_rel_err_block']):.4f}; KL token {max(rows[-1]['kl_token']):.2e} block "
               f"{max(rows[-1]['kl_block']):.2e} centred {max(rows[-1]['kl_centred']):.2e}", flush=True)
     mean = lambda key: sum(sum(r[key]) / len(r[key]) for r in rows) / len(rows)  # noqa: E731
     summary = {key: mean(key) for key in ("k_rel_err_token", "k_rel_err_block", "k_rel_err_centred", "kl_token",
-                                          "kl_block", "kl_centred", "kl_sinks_exact", "kl_bf16")}
+                                          "kl_block", "kl_centred", "kl_sinks_exact", "kl_bf16",
+                                          *(f"kl_outliers_{n}" for n in OUTLIERS))}
     print(json.dumps(summary))
     with open(args.out, "w") as f:
         json.dump(dict(model="smollm2", text=args.text, tokens=T, block_size=BLOCK, mean=summary, layers=rows), f,
