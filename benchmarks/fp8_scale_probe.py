@@ -20,6 +20,7 @@ import math
 
 import torch
 
+from fp8_outlier_probe import kept_channels, stored  # same folder
 from kcache.attention import reference as ref
 from kcache.eval.haystack import read_text
 from kcache.llm import LLM
@@ -34,9 +35,7 @@ def outliers_exact(q: torch.Tensor, k: torch.Tensor, n: int) -> torch.Tensor:
     rest per row in FP8, float32."""
     T, Hkv, D = k.shape
     weight = k.abs().mean(0) * q.abs().view(T, Hkv, -1, D).mean((0, 2))  # [Hkv, D]: a channel's share of the logits
-    keep = torch.zeros(Hkv, D, dtype=torch.bool).scatter_(1, weight.topk(n, -1).indices, True)
-    rest = ref.dequantize(*ref.quantize(k.masked_fill(keep, 0.0)), torch.float32)
-    return torch.where(keep, k, rest)
+    return stored(k, kept_channels(weight, "channels", n))
 
 
 def quantize_blocks(k: torch.Tensor) -> torch.Tensor:
