@@ -7,7 +7,8 @@
 # the config's); TOKEN_N (also run KCache at chunk_tokens=1 with this N, for reference); DEVICE_GB (device cache
 # budget, default: what the card leaves); MAX_SEQS (default 128); TAG (file-name tag, e.g. _pool48); OUT_DIR;
 # KV_DTYPE (auto or fp8: --kv-cache-dtype of every run, FullKV's and KCache's; default auto); HOST_V_DTYPE (auto or
-# fp8: KCache's --host-v-dtype; default auto); HOST_GB (host V pool,
+# fp8: KCache's --host-v-dtype; default auto); EXACT (--fp8-exact-channels of FP8 runs; default the engine's);
+# HOST_GB (host V pool,
 # default 96: FP8 K fits ~46 sequences of 32k in a 48 GiB device budget, whose bf16 V take ~97 GiB).
 set -euo pipefail
 OUT_DIR=${OUT_DIR:-benchmarks/results}
@@ -17,6 +18,7 @@ COMMON=(--model llama-3.1-8b --load-format dummy --dtype bfloat16 --max-num-batc
         --host-cache-gb "${HOST_GB:-96}" --max-num-seqs "${MAX_SEQS:-128}" --output-len "$OUTPUT_LEN"
         --kv-cache-dtype "${KV_DTYPE:-auto}")
 [ -z "${DEVICE_GB:-}" ] || COMMON+=(--device-cache-gb "$DEVICE_GB")
+[ -z "${EXACT:-}" ] || COMMON+=(--fp8-exact-channels "$EXACT")
 KC=(--host-v-dtype "${HOST_V_DTYPE:-auto}")
 [ -z "${CHUNK:-}" ] || KC+=(--chunk-tokens "$CHUNK")
 read -r -a NS <<< "${TOP_NS:-64}"

@@ -4,10 +4,12 @@ One registered host V pool and one device K pool, laid out as the engine lays th
 128]`, bf16), block tables a random permutation (a long-running, fragmented pool). For each (chunk_tokens, top_n)
 it prints ms per step for the K scan, the top-N selection, the gather and the whole op, the gather's host read rate,
 and FullKV at the batch that fits on the device beside its V; then the whole op with the batch in 1, 2 or 4 slices
-(OVERLAP_SLICES: host copies beside the next slice's scan). Floors: the scan reads every K byte once from HBM; the
+(OVERLAP_SLICES: host copies beside the next slice's scan), the copy spread over the GPU or on a few looping
+programs (STAGE_PROGRAMS). Floors: the scan reads every K byte once from HBM; the
 gather reads `budget` V rows per KV head from host memory at PCIe speed (47 GB/s measured on the lent H200).
 
-    python benchmarks/kcache_step_probe.py [BATCH CONTEXT [parts]]  # default 25 32768; parts: the gather's parts only
+    python benchmarks/kcache_step_probe.py [BATCH CONTEXT [parts|overlap]]  # default 25 32768; parts: the gather's
+    parts only; overlap: the slices sweep only
 """
 from __future__ import annotations
 
@@ -31,7 +33,7 @@ def per_step_ms(fn) -> float:
     return time_graph(fn, calls=1, replays=10) * 1e3
 
 
-def kcache_rows(batch: int, context: int, hbm: float, parts_only: bool = False) -> list[dict]:
+def kcache_rows(batch: int, context: int, hbm: float, mode: str = "all") -> list[dict]:
     dev = torch.device("cuda")
     nb = batch * context // BS
     k = torch.randn(LAYERS, nb, HKV, BS, D, device=dev, dtype=torch.bfloat16)
@@ -43,7 +45,7 @@ def kcache_rows(batch: int, context: int, hbm: float, parts_only: bool = False) 
     scale = D ** -0.5
     k_bytes = batch * context * HKV * D * 2 * LAYERS
     rows = []
-    for chunk, top_n in [] if parts_only else SETTINGS:
+    for chunk, top_n in SETTINGS if mode == "all" else []:
         cfg = KCacheConfig(top_n=top_n, chunk_tokens=chunk)
         scores = lambda l: td.chunk_scores(q, k[l], tables, lens, chunk, scale)  # noqa: E731
         scan = per_step_ms(lambda: [scores(l) for l in range(LAYERS)])
@@ -56,10 +58,12 @@ def kcache_rows(batch: int, context: int, hbm: float, parts_only: bool = False) 
                      "gather_GBps": v_bytes / gather / 1e6 if gather > 0 else None,
                      "scan_floor_ms": k_bytes / hbm * 1e3, "gather_floor_ms": v_bytes / PCIE * 1e3})
         print(json.dumps(rows[-1]), flush=True)
-    if not parts_only:
+    if mode == "all":
         rows += stage_sweep(q, k, v, tables, lens, scale)
+    if mode in ("all", "overlap"):
         rows += overlap_sweep(q, k, v, tables, lens)
-    rows += gather_parts(q, k, v, tables, lens, scale, nb)
+    if mode in ("all", "parts"):
+        rows += gather_parts(q, k, v, tables, lens, scale, nb)
     del k
     torch.cuda.cudart().cudaHostUnregister(v.data_ptr())
     return rows
@@ -84,17 +88,21 @@ def stage_sweep(q, k, v, tables, lens, scale) -> list[dict]:
 
 
 def overlap_sweep(q, k, v, tables, lens) -> list[dict]:
-    """The whole op with the batch in slices whose host copies overlap the next slice's scan (chunks of 8)."""
+    """The whole op with the batch in slices whose host copies overlap the next slice's scan (chunks of 8), the
+    copy on one program per piece (0) or on a few looping programs, copying STAGE_ROWS rows at a time."""
     out = []
-    default = td.OVERLAP_SLICES
+    default = td.OVERLAP_SLICES, td.STAGE_PROGRAMS, td.STAGE_ROWS
     for top_n in (64, 256):
         cfg = KCacheConfig(top_n=top_n, chunk_tokens=8)
-        for slices in (1, 2, 4):
-            td.OVERLAP_SLICES = slices
+        for slices, programs, rows in [(1, 0, 16), (1, 32, 16), (1, 132, 16), (2, 0, 16), (2, 16, 16), (2, 32, 16),
+                                       (2, 32, 64), (2, 64, 16), (2, 132, 16), (4, 0, 16), (4, 32, 16), (4, 64, 16),
+                                       (2, 32, 128), (2, 48, 64), (3, 32, 64), (4, 32, 64), (4, 64, 64)]:
+            td.OVERLAP_SLICES, td.STAGE_PROGRAMS, td.STAGE_ROWS = slices, programs, rows
             ms = per_step_ms(lambda: [td.kcache_decode(q, k[l], v[l], tables, lens, cfg) for l in range(LAYERS)])
-            out.append({"overlap_slices": slices, "top_n": top_n, "chunk_tokens": 8, "total_ms": ms})
+            out.append({"overlap_slices": slices, "stage_programs": programs, "stage_rows": rows, "top_n": top_n,
+                        "chunk_tokens": 8, "total_ms": ms})
             print(json.dumps(out[-1]), flush=True)
-    td.OVERLAP_SLICES = default
+    td.OVERLAP_SLICES, td.STAGE_PROGRAMS, td.STAGE_ROWS = default
     return out
 
 
@@ -147,14 +155,16 @@ def full_row(batch: int, context: int, hbm: float) -> dict:
 
 def main():
     batch, context = map(int, sys.argv[1:3]) if len(sys.argv) > 2 else (25, 32768)
-    parts_only = sys.argv[3:] == ["parts"]
+    mode = sys.argv[3] if len(sys.argv) > 3 else "all"
     hbm = hbm_read_bandwidth()
     print(f"HBM streaming read: {hbm / 1e12:.2f} TB/s", flush=True)
-    result = {"card": torch.cuda.get_device_name(), "hbm_read_Bps": hbm, "kcache": kcache_rows(batch, context, hbm, parts_only)}
-    if not parts_only:
+    result = {"card": torch.cuda.get_device_name(), "hbm_read_Bps": hbm, "kcache": kcache_rows(batch, context, hbm, mode)}
+    if mode == "all":
         result["full"] = full_row(batch // 2, context, hbm)
     if os.environ.get("OUT"):
-        with open(os.path.join(os.environ["OUT"], "kcache_step_probe.json"), "w") as f:
+        card = torch.cuda.get_device_name().split()[1].lower()
+        name = "kcache_step_probe.json" if mode == "all" else f"kcache_step_probe_{mode}_{card}_{batch}x{context}.json"
+        with open(os.path.join(os.environ["OUT"], name), "w") as f:
             json.dump(result, f, indent=1)
 
 

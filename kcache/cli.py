@@ -75,6 +75,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                         "--block-size; 1: token-level selection)")
     c.add_argument("--kv-cache-dtype", choices=["auto", "fp8"], default=d("kv_cache_dtype"),
                    help="fp8: K (and FullKV's V) stored as float8 e4m3 with a scale per token and KV head")
+    c.add_argument("--fp8-exact-channels", type=non_negative_int, default=d("fp8_exact_channels"),
+                   help="with --kv-cache-dtype fp8: K channels per KV head kept exact beside the e4m3 rows (its "
+                        "loudest, calibrated at start; at most 16; 0: none)")
     c.add_argument("--host-v-dtype", choices=["auto", "fp8"], default=d("host_v_dtype"),
                    help="KCache's host V pool; fp8: float8 e4m3 rows (half the host memory and bytes read), their "
                         "scales on the device")
@@ -107,7 +110,7 @@ def engine_config_from_args(args, **overrides):
     gib = lambda x: None if x is None else int(x * 2**30)  # noqa: E731
     fields = dict(
         model=args.model, load_format=args.load_format, dtype=args.dtype, device=args.device, cache=args.cache,
-        kv_cache_dtype=args.kv_cache_dtype, host_v_dtype=args.host_v_dtype,
+        kv_cache_dtype=args.kv_cache_dtype, fp8_exact_channels=args.fp8_exact_channels, host_v_dtype=args.host_v_dtype,
         kcache=kcache_config_from_args(args), block_size=args.block_size, max_model_len=args.max_model_len,
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         device_memory_fraction=args.device_memory_fraction, device_cache_bytes=gib(args.device_cache_gb),

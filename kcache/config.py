@@ -109,7 +109,14 @@ class EngineConfig(_Frozen):
     kv_cache_dtype: Literal["auto", "fp8"] = Field(
         "auto",
         description="auto: the cache in the model's dtype; fp8: K on the device as float8 e4m3 with one float32 "
-        "scale per token and KV head (FullKV stores V the same way; KCache keeps its host V in the model's dtype)",
+        "scale per token and KV head, and fp8_exact_channels channels kept exact (FullKV stores V in e4m3 the same "
+        "way; KCache keeps its host V in the model's dtype)",
+    )
+    fp8_exact_channels: int = Field(
+        4, ge=0, le=16,
+        description="with kv_cache_dtype=fp8: each KV head's n K channels of largest mean |q| x mean |k| (found by one "
+        "calibration prefill at start) are kept exact in the model's dtype beside the e4m3 rows, which carry most of "
+        "FP8 K's rounding error (docs/accuracy); 0: every channel in e4m3",
     )
     host_v_dtype: Literal["auto", "fp8"] = Field(
         "auto",
@@ -142,3 +149,8 @@ class EngineConfig(_Frozen):
         elif self.host_v_dtype != "auto":
             raise ValueError("host_v_dtype is KCache's host V pool; the full cache has none (use kv_cache_dtype)")
         return self
+
+    @property
+    def k_exact_channels(self) -> int:
+        """K channels per KV head kept exact: fp8_exact_channels with FP8 K, else 0 (every channel is exact)."""
+        return self.fp8_exact_channels if self.kv_cache_dtype == "fp8" else 0

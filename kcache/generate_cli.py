@@ -94,6 +94,7 @@ def print_stats(engine, out, steps, seconds: float) -> None:
     rows = [
         ("cache", engine.cfg.cache + (_kcache_setting(engine.cfg.kcache) if engine.cfg.cache == "kcache" else "")
          + (f", kv_cache_dtype={engine.cfg.kv_cache_dtype}" if engine.cfg.kv_cache_dtype != "auto" else "")
+         + (f" with {engine.cfg.k_exact_channels} exact K channels per head" if engine.cfg.k_exact_channels else "")
          + (f", host_v_dtype={engine.cfg.host_v_dtype}" if engine.cfg.host_v_dtype != "auto" else "")),
         ("prompt tokens", m["prompt_tokens"]),
         ("new tokens", f"{m['completion_tokens']} ({out.finish_reason})"),

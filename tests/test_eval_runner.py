@@ -72,17 +72,20 @@ def test_method_specs():
     assert k.family == "kcache:renormalize=false:dense_layers=2" and parse_method("kcache:16").family == "kcache"
     assert parse_method("full").config(30).dense_layers == 30
     assert parse_task("multihop:hops=2:chains=1").options == {"hops": 2, "chains": 1}
-    plain = ("kcache", "auto", "auto")
+    plain = ("kcache", "auto", "auto", None)
     assert (parse_method("full").engine, parse_method("kcache:64").engine) == (plain, plain)
     f8 = parse_method("full:kv_cache_dtype=fp8")
-    assert (f8.kcache, f8.engine, f8.family) == (None, ("full", "fp8", "auto"), "full:kv_cache_dtype=fp8")
+    assert (f8.kcache, f8.engine, f8.family) == (None, ("full", "fp8", "auto", None), "full:kv_cache_dtype=fp8")
     k8 = parse_method("kcache:64:kv_cache_dtype=fp8")
-    assert (k8.kcache.top_n, k8.engine, k8.family) == (64, ("kcache", "fp8", "auto"), "kcache:kv_cache_dtype=fp8")
+    assert (k8.kcache.top_n, k8.engine, k8.family) == (64, ("kcache", "fp8", "auto", None), "kcache:kv_cache_dtype=fp8")
     v8 = parse_method("kcache:64:host_v_dtype=fp8")
-    assert (v8.kcache.top_n, v8.engine, v8.family) == (64, ("kcache", "auto", "fp8"), "kcache:host_v_dtype=fp8")
+    assert (v8.kcache.top_n, v8.engine, v8.family) == (64, ("kcache", "auto", "fp8", None), "kcache:host_v_dtype=fp8")
+    plain8 = parse_method("full:kv_cache_dtype=fp8:fp8_exact_channels=0")
+    assert plain8.engine == ("full", "fp8", "auto", 0) and plain8.family == "full:kv_cache_dtype=fp8:fp8_exact_channels=0"
+    assert parse_method("kcache:64:kv_cache_dtype=fp8:fp8_exact_channels=8").engine == ("kcache", "fp8", "auto", 8)
     for bad in ("kcache:top_n=-1", "stream:64", "full:64", "streaming", "kcache:64:oops", "multikey:hops=2",
                 "full:kv_cache_dtype=int8", "full:renormalize=false", "full:host_v_dtype=fp8",
-                "kcache:host_v_dtype=fp4"):
+                "kcache:host_v_dtype=fp4", "kcache:fp8_exact_channels=4", "full:kv_cache_dtype=fp8:fp8_exact_channels=17"):
         with pytest.raises(ValueError):
             (parse_task if bad.startswith("multi") else parse_method)(bad)
 

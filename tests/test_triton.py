@@ -159,11 +159,13 @@ def test_cuda_graph_replay_matches_eager():
 
 
 @pytest.mark.parametrize("selection", ["group", "head"])
-@pytest.mark.parametrize("slices", [2, 3])
-def test_overlapped_slices_decode_like_the_reference_eager_and_in_a_graph(monkeypatch, selection, slices):
-    """The batch in slices, each slice's host copy on a side stream beside the next slice's scan: the reference's
-    outputs, masses and V rows read, and a captured graph replays what eager runs compute."""
+@pytest.mark.parametrize("slices,programs", [(2, 0), (3, 0), (2, 5), (1, 3)])
+def test_overlapped_slices_decode_like_the_reference_eager_and_in_a_graph(monkeypatch, selection, slices, programs):
+    """The batch in slices, each slice's host copy on a side stream beside the next slice's scan, the copy on one
+    program per piece or on a few looping ones: the reference's outputs, masses and V rows read, and a captured graph
+    replays what eager runs compute."""
     monkeypatch.setattr(td, "OVERLAP_SLICES", slices)
+    monkeypatch.setattr(td, "STAGE_PROGRAMS", programs)
     cfg = KCacheConfig(top_n=64, selection=selection, sink_tokens=4, recent_tokens=8)
     q, k, v, tables, lens = _case(RAGGED, torch.bfloat16)
     _poison()

@@ -13,10 +13,16 @@ layout with head_dim 1 (`[num_blocks, kv_heads, block_size, 1]`), so every row o
 scale is its largest magnitude / 448 (e4m3's largest value): each (token, KV head) uses the whole e4m3 range, and
 a decode step appends a token without touching the rest of its block. `dequantize` is the one definition of the
 stored values: the kernels fold the same scale into the logits (K) or the weights (V).
+
+An FP8 K pool may keep a few channels of each KV head exact (`ExactChannels`): their values in the model's dtype
+in a pool beside it, `[num_blocks, kv_heads, block_size, n]`, and 0 in the e4m3 rows (so the row's scale is set by
+the rest). A logit is then the e4m3 row's dot plus the exact channels' dot: the channels that carry most of the
+rounding error (a head's largest |q| x |k|, kcache.cache.calibration) carry none.
 """
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -40,16 +46,40 @@ def dequantize(rows: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> 
     return rows.to(dtype) * scales.to(dtype)
 
 
+class ExactChannels(NamedTuple):
+    """The K channels an FP8 pool keeps exact: values [blocks, Hkv, bs, n] (the model's dtype) of channels [Hkv, n]
+    (int32) of each row; the e4m3 rows hold 0 there."""
+
+    values: torch.Tensor
+    channels: torch.Tensor
+
+
+def split_exact(x: torch.Tensor, channels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows x [..., Hkv, D] -> (x with the channels [Hkv, n] set to 0, their values [..., Hkv, n])."""
+    idx = channels.long().expand(*x.shape[:-1], channels.shape[-1])
+    return x.scatter(-1, idx, 0.0), x.gather(-1, idx)
+
+
+def join_exact(x: torch.Tensor, values: torch.Tensor, channels: torch.Tensor) -> torch.Tensor:
+    """split_exact undone: x [..., Hkv, D] with its channels [Hkv, n] set to values [..., Hkv, n]."""
+    return x.scatter(-1, channels.long().expand(*x.shape[:-1], channels.shape[-1]), values.to(x.dtype))
+
+
 def rows_at(pool: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
     """pool [blocks, Hkv, bs, D], slots [...] long on the pool's device -> rows [..., Hkv, D]."""
     bs = pool.shape[2]
     return pool[slots // bs, :, slots % bs]
 
 
-def read_rows(pool: torch.Tensor, slots: torch.Tensor, scales: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
-    """rows_at, dequantised in dtype when the pool is FP8 (scales: its scales pool), else as stored."""
+def read_rows(pool: torch.Tensor, slots: torch.Tensor, scales: torch.Tensor | None, dtype: torch.dtype,
+              exact: ExactChannels | None = None) -> torch.Tensor:
+    """rows_at, dequantised in dtype when the pool is FP8 (scales: its scales pool; exact: the channels it keeps
+    exact), else as stored."""
     rows = rows_at(pool, slots)
-    return rows if scales is None else dequantize(rows, rows_at(scales, slots), dtype)
+    if scales is None:
+        return rows
+    rows = dequantize(rows, rows_at(scales, slots), dtype)
+    return rows if exact is None else join_exact(rows, rows_at(exact.values, slots), exact.channels)
 
 
 def store_rows(pool: torch.Tensor, rows: torch.Tensor, slots: torch.Tensor) -> None:
@@ -94,13 +124,13 @@ def _scores(q: torch.Tensor, k: torch.Tensor, valid: torch.Tensor, scale: float)
     return torch.softmax(s, dim=-1)
 
 
-def full_decode(q, k_cache, v_cache, block_tables, lengths, scale=None, k_scales=None, v_scales=None):
+def full_decode(q, k_cache, v_cache, block_tables, lengths, scale=None, k_scales=None, v_scales=None, k_exact=None):
     """Ordinary attention of one query per sequence over its whole cache: q [B, H, D] -> [B, H, D]. FP8 pools come
-    with their scales pools."""
+    with their scales pools (and FP8 K with the channels it keeps exact, if any)."""
     D = q.shape[-1]
     scale = scale if scale is not None else 1.0 / math.sqrt(D)
     slots, valid = token_slots(block_tables, lengths, k_cache.shape[2])
-    k = read_rows(k_cache, slots, k_scales, q.dtype)  # [B, L, Hkv, D]
+    k = read_rows(k_cache, slots, k_scales, q.dtype, k_exact)  # [B, L, Hkv, D]
     v = read_rows(v_cache, slots, v_scales, q.dtype)
     out = F.scaled_dot_product_attention(
         q[:, :, None, :], k.transpose(1, 2), v.transpose(1, 2),
@@ -191,14 +221,15 @@ def pool_v_reader(v_cache: torch.Tensor, slots: torch.Tensor, out_device, v_scal
 
 
 def kcache_decode(q, k_cache, v_cache, block_tables, lengths, cfg: KCacheConfig, scale=None, k_scales=None,
-                  v_scales=None):
+                  v_scales=None, k_exact=None):
     """KCache decode over paged pools: q [B, H, D] -> (out [B, H, D], mass_kept [B, H] float32, V rows read [B]).
 
-    k_cache lives on q's device (FP8 with its scales pool k_scales, or not), v_cache may live in host memory (FP8
-    with its scales pool v_scales on q's device, or not); only the selected V rows are read.
+    k_cache lives on q's device (FP8 with its scales pool k_scales and its exact channels k_exact, or not), v_cache
+    may live in host memory (FP8 with its scales pool v_scales on q's device, or not); only the selected V rows are
+    read.
     """
     slots, valid = token_slots(block_tables, lengths, k_cache.shape[2])
-    k = read_rows(k_cache, slots, k_scales, torch.float32).transpose(1, 2)  # [B, Hkv, L, D]; the scores are float32
+    k = read_rows(k_cache, slots, k_scales, torch.float32, k_exact).transpose(1, 2)  # [B, Hkv, L, D]; the scores are float32
     return kcache_attend(q, k, valid, lengths, pool_v_reader(v_cache, slots, q.device, v_scales), cfg, scale)
 
 

@@ -14,7 +14,9 @@ FP8 pools (float8 e4m3 rows, a float32 scale per row in a scales pool of the sam
 kcache.attention.reference) are dequantised in the arithmetic: each K row's scale multiplies its logit, a V row's
 its weight; that is the reference's dequantise-then-multiply, reassociated. With 16-bit queries the e4m3 K tile goes
 into tensor-core dots as it is, against the queries split into exact e4m3 parts (_e4m3_parts); float32 queries take
-the tile converted to float32. The flags KQ / VQ (constexpr) say which pools are FP8, QP how many parts.
+the tile converted to float32. The flags KQ / VQ (constexpr) say which pools are FP8, QP how many parts. An FP8 K
+pool may keep NX channels per KV head exact (reference.ExactChannels): their values join each logit as one more
+tensor-core dot of the queries' values there against the tile's, padded to 16 channels (_exact_q).
 
 KCache decode runs five launches (a merge level more for very long contexts):
   scores  K tiles -> each chunk's log-sum-exp of scaled logits [B, Hkv, G, L/c] + per-split (max, sum-exp), so the
@@ -25,7 +27,8 @@ KCache decode runs five launches (a merge level more for very long contexts):
           device buffer: many small programs keep many PCIe reads in flight
   sum     per selected chunk: its tokens' exact logits again from K (on the device), their softmax weights, the
           weighted sum of the staged rows on the tensor cores, renormalisation
-With OVERLAP_SLICES > 1 the batch runs in slices, each slice's host copy on a side stream beside the next slice's scan.
+With OVERLAP_SLICES > 1 the batch runs in slices, each slice's host copy on a side stream beside the next slice's scan,
+on a few looping programs (STAGE_PROGRAMS) that leave the SMs to the scan.
 """
 from __future__ import annotations
 
@@ -51,8 +54,9 @@ MERGE_KEYS = 4096  # keys per merge program (its register tile)
 GATHER_ROWS = 128  # staged V rows summed per gather step
 GATHER_WARPS = 4
 SPLIT_WEIGHTS = True  # 16-bit q: weights as two 16-bit halves on the tensor cores (see _gather_kernel)
-STAGE_ROWS = 16  # V rows one staging program copies from host memory (whole chunks, at least one)
+STAGE_ROWS = 64  # V rows one staging program copies from host memory at a time (whole chunks, at least one)
 STAGE_WARPS = 2
+STAGE_PROGRAMS = 32  # staging programs: 0, one per STAGE_ROWS rows; else this many, looping (see OVERLAP_SLICES)
 MAX_SPLITS = 64  # bounds the reduce's register tile [splits, head_dim]
 # Split until batch * kv_heads * splits reaches this many programs per SM. Few splits leave a part-filled last wave
 # of programs: the lent H200's full decode at 32k took 0.98 ms per layer at batch 23 with 4 (3 splits), 0.74 with
@@ -60,9 +64,11 @@ MAX_SPLITS = 64  # bounds the reduce's register tile [splits, head_dim]
 # layers at batch 23 15.69 / 15.58 ms (benchmarks/results/launch_probe_h200.json).
 PROGRAMS_PER_SM = 16
 # KCache decode in this many batch slices, each slice's host copy on a side stream while the next slice's K scan
-# runs: PCIe and HBM are separate resources. 1: no slicing. Off: 2 slices measured slower on the lent H200 (17.4 against
-# 16.9 ms per step at batch 25, 32k, N=64; benchmarks/README.md).
-OVERLAP_SLICES = 1
+# runs: PCIe and HBM are separate resources, but a copy spread over the GPU (one program per 16 rows) takes SMs from
+# the scan and hides nothing. On 32 looping programs of 64 rows it does: the op over 32 layers on the lent H200
+# (benchmarks/results/kcache_step_probe_overlap_h200_*.json, chunks of 8), 1 slice spread against 2 slices on 32
+# programs: 8k, batch 92, N=64 21.9 -> 18.3 ms; N=256 45.4 -> 39.1; 32k, batch 23, N=64 15.6 -> 15.5; N=256 21.7 -> 18.6.
+OVERLAP_SLICES = 2
 
 
 @functools.lru_cache
@@ -154,12 +160,25 @@ def _row_scales(scales, table_row, pos, end, h, HKV: tl.constexpr, BS: tl.conste
 
 
 @triton.jit
-def _tile_logits(q0, q1, q2, qs, k_cache, ks, table_row, pos, end, scale, h, HKV: tl.constexpr, D: tl.constexpr,
-                 BS: tl.constexpr, PREC: tl.constexpr, KQ: tl.constexpr, QP: tl.constexpr):
+def _exact_q(q, channels, b, h, HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BG: tl.constexpr,
+             NX: tl.constexpr):
+    """The G queries' values at KV head h's NX exact channels, padded with zeros: [BG, 16] (a dot's least width)."""
+    g = tl.arange(0, BG)
+    r = tl.arange(0, 16)
+    ch = tl.load(channels + h * NX + r, mask=r < NX, other=0)
+    mask = (g[:, None] < G) & (r[None, :] < NX)
+    return tl.load(q + ((b * HKV + h) * G + g[:, None]) * D + ch[None, :], mask=mask, other=0.0)
+
+
+@triton.jit
+def _tile_logits(q0, q1, q2, qs, qx, k_cache, ks, kx, table_row, pos, end, scale, h, HKV: tl.constexpr,
+                 D: tl.constexpr, BS: tl.constexpr, PREC: tl.constexpr, KQ: tl.constexpr, QP: tl.constexpr,
+                 NX: tl.constexpr):
     """Scaled logits [BG, N] of the queries (_query_parts) at positions pos [N] (-inf from `end` on), their pool rows
     and validity. KQ: K is FP8 with row scales ks [N] (_row_scales). QP > 0 (FP8 K, 16-bit queries): the e4m3 tile
     goes into QP tensor-core dots with the queries' e4m3 parts as it is (converting it to bf16 first held a stripped
-    scan to 2.3 TB/s on the H200, against 3.9). QP = 0: an FP8 tile goes into the dot as the queries' dtype."""
+    scan to 2.3 TB/s on the H200, against 3.9). QP = 0: an FP8 tile goes into the dot as the queries' dtype.
+    NX > 0: the exact channels' values kx [rows, NX] against the queries' there, qx (_exact_q), join the logit."""
     valid = pos < end
     rows = _kv_rows(table_row, pos, valid, BS, HKV, h)
     d = tl.arange(0, D)
@@ -178,6 +197,10 @@ def _tile_logits(q0, q1, q2, qs, k_cache, ks, table_row, pos, end, scale, h, HKV
         x = x * (ks * scale)[None, :]
     else:
         x = x * scale
+    if NX:
+        r = tl.arange(0, 16)
+        xt = tl.load(kx + rows[:, None] * NX + r[None, :], mask=valid[:, None] & (r[None, :] < NX), other=0.0)
+        x += tl.dot(qx, tl.trans(xt), input_precision=PREC) * scale  # [BG, N]
     return tl.where(valid[None, :], x, float("-inf")), rows, valid
 
 
@@ -205,9 +228,9 @@ def _merge_stats(m_in, l_in, bh, S, G: tl.constexpr, BG: tl.constexpr, SP: tl.co
 
 @triton.jit
 def _full_split_kernel(
-    q, k_cache, v_cache, k_scales, v_scales, block_tables, lengths, acc_out, m_out, l_out, scale, max_blocks,
-    per_split, HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BS: tl.constexpr, BG: tl.constexpr,
-    BLOCK_N: tl.constexpr, PREC: tl.constexpr, KQ: tl.constexpr, VQ: tl.constexpr, QP: tl.constexpr,
+    q, k_cache, v_cache, k_scales, v_scales, k_exact, k_channels, block_tables, lengths, acc_out, m_out, l_out, scale,
+    max_blocks, per_split, HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BS: tl.constexpr, BG: tl.constexpr,
+    BLOCK_N: tl.constexpr, PREC: tl.constexpr, KQ: tl.constexpr, VQ: tl.constexpr, QP: tl.constexpr, NX: tl.constexpr,
 ):
     """Online-softmax attention of one KV head's G queries over one split: unnormalised acc [G, D], max, sum.
     With FP8 V and 16-bit queries (QP > 0) the weights, each V row's scale on them, go into the dot as fp16 over a
@@ -216,6 +239,7 @@ def _full_split_kernel(
     S = tl.num_programs(2)
     qv = _load_q(q, b, h, HKV, G, D, BG)  # [BG, D]
     q0, q1, q2, qs = _query_parts(qv, QP)
+    qx = _exact_q(q, k_channels, b, h, HKV, G, D, BG, NX) if NX else qv
     table_row = block_tables + b * max_blocks
     d = tl.arange(0, D)
     start = s * per_split
@@ -237,8 +261,8 @@ def _full_split_kernel(
             ks_next = _row_scales(k_scales, table_row, pos + BLOCK_N, end, h, HKV, BS)
         if VQ:
             vs_next = _row_scales(v_scales, table_row, pos + BLOCK_N, end, h, HKV, BS)
-        x, rows, valid = _tile_logits(q0, q1, q2, qs, k_cache, ks, table_row, pos, end, scale, h, HKV, D, BS, PREC,
-                                      KQ, QP)
+        x, rows, valid = _tile_logits(q0, q1, q2, qs, qx, k_cache, ks, k_exact, table_row, pos, end, scale, h, HKV, D,
+                                      BS, PREC, KQ, QP, NX)
         vt = tl.load(v_cache + rows[:, None] * D + d[None, :], mask=valid[:, None], other=0.0)
         m_new = tl.maximum(m, tl.max(x, 1))
         alpha = tl.exp(m - m_new)
@@ -279,9 +303,9 @@ def _full_reduce_kernel(acc_in, m_in, l_in, out, S, D: tl.constexpr, SP: tl.cons
 
 @triton.jit
 def _scores_kernel(
-    q, k_cache, k_scales, block_tables, lengths, chunk_lse, m_out, l_out, scale, max_blocks, per_split, LC,
-    HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BS: tl.constexpr, BG: tl.constexpr,
-    BLOCK_N: tl.constexpr, C: tl.constexpr, PREC: tl.constexpr, KQ: tl.constexpr, QP: tl.constexpr,
+    q, k_cache, k_scales, k_exact, k_channels, block_tables, lengths, chunk_lse, m_out, l_out, scale, max_blocks,
+    per_split, LC, HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BS: tl.constexpr, BG: tl.constexpr,
+    BLOCK_N: tl.constexpr, C: tl.constexpr, PREC: tl.constexpr, KQ: tl.constexpr, QP: tl.constexpr, NX: tl.constexpr,
 ):
     """One KV head's G queries over one split: each chunk of C tokens' log-sum-exp of the scaled logits into
     chunk_lse [B, Hkv, G, LC] (-inf where no token is valid), plus the split's max / sum-exp."""
@@ -295,6 +319,7 @@ def _scores_kernel(
     m = tl.full([BG], float("-inf"), tl.float32)
     l = tl.zeros([BG], tl.float32)
     q0, q1, q2, qs = _query_parts(qv, QP)
+    qx = _exact_q(q, k_channels, b, h, HKV, G, D, BG, NX) if NX else qv
     table_row = block_tables + b * max_blocks
     ks = tl.zeros([BLOCK_N], tl.float32)
     if KQ:
@@ -304,7 +329,8 @@ def _scores_kernel(
         ks_next = ks
         if KQ:
             ks_next = _row_scales(k_scales, table_row, pos + BLOCK_N, end, h, HKV, BS)
-        x, _, _ = _tile_logits(q0, q1, q2, qs, k_cache, ks, table_row, pos, end, scale, h, HKV, D, BS, PREC, KQ, QP)
+        x, _, _ = _tile_logits(q0, q1, q2, qs, qx, k_cache, ks, k_exact, table_row, pos, end, scale, h, HKV, D, BS, PREC,
+                               KQ, QP, NX)
         ks = ks_next
         m_new = tl.maximum(m, tl.max(x, 1))
         p = tl.exp(x - m_new[:, None])  # [BG, BLOCK_N], shared by the split's sum and the chunks' sums
@@ -373,32 +399,37 @@ def _merge_top_kernel(cand, out, C, NP: tl.constexpr, FAN: tl.constexpr):
 
 
 @triton.jit
-def _stage_kernel(keys, v_cache, block_tables, lengths, staged, max_blocks, n, HKV: tl.constexpr, D: tl.constexpr,
-                  BS: tl.constexpr, NP: tl.constexpr, C: tl.constexpr, CH: tl.constexpr, NSEL: tl.constexpr):
-    """Copy CH selected chunks of one selection from the (host) pool to staged [B, Hkv, 1|G, NP * C, D] on the device,
-    each chunk one contiguous read. Many small programs keep many host reads in flight at once."""
-    row, p = tl.program_id(0), tl.program_id(1)  # row: the selection, b * Hkv * NSEL + h * NSEL + sel
-    b, h = row // (NSEL * HKV), (row // NSEL) % HKV
-    length = tl.load(lengths + b)
+def _stage_kernel(keys, v_cache, block_tables, lengths, staged, max_blocks, n, pieces, HKV: tl.constexpr,
+                  D: tl.constexpr, BS: tl.constexpr, NP: tl.constexpr, C: tl.constexpr, CH: tl.constexpr,
+                  NSEL: tl.constexpr):
+    """Copy selected chunks from the (host) pool to staged [B, Hkv, 1|G, NP * C, D] on the device, each chunk one
+    contiguous read, CH chunks (a piece) at a time: piece w is chunks p * CH.. of selection row = w // per_row. The
+    programs stride over the pieces: one piece each (many small programs keep many host reads in flight), or a
+    few programs looping (a copy that leaves the SMs to a K scan running beside it)."""
+    per_row = tl.cdiv(n, CH)
     r = tl.arange(0, CH * C)
     d = tl.arange(0, D)
-    j = p * CH + r // C  # [CH * C] which selected chunk each row belongs to
-    chunk = tl.load(keys + row * NP + j, mask=j < n, other=-1).to(tl.int32)  # the low 32 bits; -1 stays -1
-    pos = tl.where(chunk >= 0, chunk * C + r % C, length)  # no chunk: a position past the sequence
-    valid = pos < length
-    rows = _kv_rows(block_tables + b * max_blocks, pos, valid, BS, HKV, h)
-    v = tl.load(v_cache + rows[:, None] * D + d[None, :], mask=valid[:, None], other=0.0)
-    dest = (row * NP * C + p * CH * C + r).to(tl.int64)
-    tl.store(staged + dest[:, None] * D + d[None, :], v, mask=(j < n)[:, None])
+    for w in range(tl.program_id(0), pieces, tl.num_programs(0)):
+        row, p = w // per_row, w % per_row  # row: the selection, b * Hkv * NSEL + h * NSEL + sel
+        b, h = row // (NSEL * HKV), (row // NSEL) % HKV
+        length = tl.load(lengths + b)
+        j = p * CH + r // C  # [CH * C] which selected chunk each row belongs to
+        chunk = tl.load(keys + row * NP + j, mask=j < n, other=-1).to(tl.int32)  # the low 32 bits; -1 stays -1
+        pos = tl.where(chunk >= 0, chunk * C + r % C, length)  # no chunk: a position past the sequence
+        valid = pos < length
+        rows = _kv_rows(block_tables + b * max_blocks, pos, valid, BS, HKV, h)
+        v = tl.load(v_cache + rows[:, None] * D + d[None, :], mask=valid[:, None], other=0.0)
+        dest = (row.to(tl.int64) * NP * C + p * CH * C + r)
+        tl.store(staged + dest[:, None] * D + d[None, :], v, mask=(j < n)[:, None])
 
 
 @triton.jit
 def _gather_kernel(
-    keys, q, k_cache, k_scales, v_scales, m_in, l_in, staged, block_tables, lengths, out, mass, rows_read, scale,
-    max_blocks, S, n, HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BS: tl.constexpr, BG: tl.constexpr,
-    SP: tl.constexpr, NP: tl.constexpr, C: tl.constexpr, TILE: tl.constexpr, GROUP: tl.constexpr,
+    keys, q, k_cache, k_scales, k_exact, k_channels, v_scales, m_in, l_in, staged, block_tables, lengths, out, mass,
+    rows_read, scale, max_blocks, S, n, HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BS: tl.constexpr,
+    BG: tl.constexpr, SP: tl.constexpr, NP: tl.constexpr, C: tl.constexpr, TILE: tl.constexpr, GROUP: tl.constexpr,
     RENORM: tl.constexpr, PREC: tl.constexpr, KQ: tl.constexpr, VQ: tl.constexpr, SPLIT: tl.constexpr,
-    QP: tl.constexpr,
+    QP: tl.constexpr, NX: tl.constexpr,
 ):
     """Weighted sum over one selection's chunks, their V rows staged on the device by _stage_kernel.
 
@@ -417,6 +448,7 @@ def _gather_kernel(
     length = tl.load(lengths + b)
     qv = _load_q(q, b, h, HKV, G, D, BG)
     q0, q1, q2, qs = _query_parts(qv, QP)
+    qx = _exact_q(q, k_channels, b, h, HKV, G, D, BG, NX) if NX else qv
     table_row = block_tables + b * max_blocks
     g = tl.arange(0, BG)
     d = tl.arange(0, D)
@@ -434,8 +466,8 @@ def _gather_kernel(
         ks = pos * 0.0
         if KQ:  # few rows, data-dependent: loaded with their tile
             ks = _row_scales(k_scales, table_row, pos, length, h, HKV, BS)
-        x, rows, valid = _tile_logits(q0, q1, q2, qs, k_cache, ks, table_row, pos, length, scale, h, HKV, D, BS, PREC,
-                                      KQ, QP)
+        x, rows, valid = _tile_logits(q0, q1, q2, qs, qx, k_cache, ks, k_exact, table_row, pos, length, scale, h, HKV,
+                                      D, BS, PREC, KQ, QP, NX)
         w = tl.exp(tl.where(mine[:, None], x, float("-inf")) - top[:, None]) / z[:, None]  # [BG, TILE * C]
         v = tl.load(staged + (base + c0 * C + r)[:, None] * D + d[None, :], mask=valid[:, None], other=0.0)
         wv = w
@@ -468,9 +500,18 @@ def _scales_arg(scales: torch.Tensor | None, pool: torch.Tensor) -> torch.Tensor
     return pool if scales is None else scales
 
 
-def full_decode(q, k_cache, v_cache, block_tables, lengths, scale=None, k_scales=None, v_scales=None):
+def _exact_args(k_exact, k_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(values pool, channels, NX) of an FP8 K pool's exact channels (reference.ExactChannels); without them the K
+    pool stands in for both (NX = 0 keeps them unread)."""
+    if k_exact is None:
+        return k_cache, k_cache, 0
+    assert k_exact.channels.shape[-1] <= 16, "the kernels pad the exact channels to 16"
+    return k_exact.values, k_exact.channels, k_exact.channels.shape[-1]
+
+
+def full_decode(q, k_cache, v_cache, block_tables, lengths, scale=None, k_scales=None, v_scales=None, k_exact=None):
     """Exact attention of one query per sequence over its paged cache: q [B, H, D] -> [B, H, D]. FP8 pools come
-    with their scales pools."""
+    with their scales pools (and FP8 K with the channels it keeps exact, if any)."""
     B, H, D, bs, Hkv, G, L = _shapes(q, k_cache, block_tables)
     scale = scale if scale is not None else 1.0 / math.sqrt(D)
     tile = FULL_TILE[k_cache.element_size()]
@@ -478,31 +519,33 @@ def full_decode(q, k_cache, v_cache, block_tables, lengths, scale=None, k_scales
     acc = torch.empty(B, H, S, D, dtype=torch.float32, device=q.device)
     m = torch.empty(B, H, S, dtype=torch.float32, device=q.device)
     l = torch.empty_like(m)
+    kx, kc, nx = _exact_args(k_exact, k_cache)
     _full_split_kernel[(B, Hkv, S)](
-        q, k_cache, v_cache, _scales_arg(k_scales, k_cache), _scales_arg(v_scales, v_cache), block_tables, lengths,
-        acc, m, l, scale, block_tables.shape[1], per_split, HKV=Hkv, G=G, D=D, BS=bs, BG=_pad_rows(G),
+        q, k_cache, v_cache, _scales_arg(k_scales, k_cache), _scales_arg(v_scales, v_cache), kx, kc, block_tables,
+        lengths, acc, m, l, scale, block_tables.shape[1], per_split, HKV=Hkv, G=G, D=D, BS=bs, BG=_pad_rows(G),
         BLOCK_N=tile, PREC=_dot_precision(q.dtype), KQ=k_scales is not None, VQ=v_scales is not None,
-        QP=_query_split(q, k_cache), num_warps=4, num_stages=K_STAGES,
+        QP=_query_split(q, k_cache), NX=nx, num_warps=4, num_stages=K_STAGES,
     )
     out = torch.empty_like(q)
     _full_reduce_kernel[(B * H,)](acc, m, l, out, S, D=D, SP=triton.next_power_of_2(S), num_warps=4)
     return out
 
 
-def chunk_scores(q, k_cache, block_tables, lengths, chunk_tokens: int, scale: float, k_scales=None):
-    """The K scan (FP8 K with its scales pool k_scales, or not): chunk log-sum-exps [B, Hkv, G, L / c] float32
-    (written up to each length) and per-split stats m, l [B, Hkv, G, S]."""
+def chunk_scores(q, k_cache, block_tables, lengths, chunk_tokens: int, scale: float, k_scales=None, k_exact=None):
+    """The K scan (FP8 K with its scales pool k_scales and exact channels k_exact, or not): chunk log-sum-exps
+    [B, Hkv, G, L / c] float32 (written up to each length) and per-split stats m, l [B, Hkv, G, S]."""
     B, H, D, bs, Hkv, G, L = _shapes(q, k_cache, block_tables)
     S, per_split = _split(B, Hkv, L, q.device, SCAN_TILE)
     LC = L // chunk_tokens
     lse = torch.empty(B, Hkv, G, LC, dtype=torch.float32, device=q.device)
     m = torch.empty(B, Hkv, G, S, dtype=torch.float32, device=q.device)
     l = torch.empty_like(m)
+    kx, kc, nx = _exact_args(k_exact, k_cache)
     _scores_kernel[(B, Hkv, S)](
-        q, k_cache, _scales_arg(k_scales, k_cache), block_tables, lengths, lse, m, l, scale, block_tables.shape[1],
-        per_split, LC, HKV=Hkv, G=G, D=D, BS=bs, BG=_pad_rows(G), BLOCK_N=SCAN_TILE, C=chunk_tokens,
-        PREC=_dot_precision(q.dtype), KQ=k_scales is not None, QP=_query_split(q, k_cache), num_warps=4,
-        num_stages=K_STAGES,
+        q, k_cache, _scales_arg(k_scales, k_cache), kx, kc, block_tables, lengths, lse, m, l, scale,
+        block_tables.shape[1], per_split, LC, HKV=Hkv, G=G, D=D, BS=bs, BG=_pad_rows(G), BLOCK_N=SCAN_TILE,
+        C=chunk_tokens, PREC=_dot_precision(q.dtype), KQ=k_scales is not None, QP=_query_split(q, k_cache), NX=nx,
+        num_warps=4, num_stages=K_STAGES,
     )
     return lse, m, l
 
@@ -543,15 +586,16 @@ def stage_chunks(keys, v_cache, block_tables, lengths, cfg: KCacheConfig, staged
     c, n, D = cfg.chunk_tokens, cfg.chunk_budget, v_cache.shape[-1]
     staged = staging_buffer(keys, v_cache, cfg) if staged is None else staged
     ch = max(1, STAGE_ROWS // c)
-    _stage_kernel[(B * Hkv * nsel, triton.cdiv(n, ch))](
-        keys, v_cache, block_tables, lengths, staged, block_tables.shape[1], n, HKV=Hkv, D=D, BS=v_cache.shape[2],
-        NP=NP, C=c, CH=ch, NSEL=nsel, num_warps=STAGE_WARPS,
+    pieces = B * Hkv * nsel * triton.cdiv(n, ch)
+    _stage_kernel[(min(pieces, STAGE_PROGRAMS) if STAGE_PROGRAMS else pieces,)](
+        keys, v_cache, block_tables, lengths, staged, block_tables.shape[1], n, pieces, HKV=Hkv, D=D,
+        BS=v_cache.shape[2], NP=NP, C=c, CH=ch, NSEL=nsel, num_warps=STAGE_WARPS,
     )
     return staged
 
 
 def weighted_sum(keys, q, k_cache, m, l, staged, block_tables, lengths, cfg: KCacheConfig, scale: float,
-                 k_scales=None, v_scales=None):
+                 k_scales=None, v_scales=None, k_exact=None):
     """The weighted sums over the staged chunks (FP8 rows with their scales pool v_scales, or not) -> (out [B, H, D],
     mass [B, H] float32, V rows read [B] int32)."""
     B, H, D, bs, Hkv, G, L = _shapes(q, k_cache, block_tables)
@@ -560,40 +604,44 @@ def weighted_sum(keys, q, k_cache, m, l, staged, block_tables, lengths, cfg: KCa
     out = torch.empty_like(q)
     mass = torch.empty(B, H, dtype=torch.float32, device=q.device)
     rows = torch.empty(B, Hkv, nsel, dtype=torch.int32, device=q.device)
+    kx, kc, nx = _exact_args(k_exact, k_cache)
     _gather_kernel[(B, Hkv, nsel)](
-        keys, q, k_cache, _scales_arg(k_scales, k_cache), _scales_arg(v_scales, k_cache), m, l, staged, block_tables,
-        lengths, out, mass, rows, scale, block_tables.shape[1], m.shape[-1], cfg.chunk_budget, HKV=Hkv, G=G, D=D, BS=bs,
-        BG=_pad_rows(G), SP=triton.next_power_of_2(m.shape[-1]), NP=NP, C=c, TILE=max(1, min(NP, GATHER_ROWS // c)),
-        GROUP=cfg.selection == "group", RENORM=cfg.renormalize, PREC=_dot_precision(q.dtype), KQ=k_scales is not None,
-        VQ=v_scales is not None, SPLIT=SPLIT_WEIGHTS and q.element_size() == 2, QP=_query_split(q, k_cache),
-        num_warps=GATHER_WARPS,
+        keys, q, k_cache, _scales_arg(k_scales, k_cache), kx, kc, _scales_arg(v_scales, k_cache), m, l, staged,
+        block_tables, lengths, out, mass, rows, scale, block_tables.shape[1], m.shape[-1], cfg.chunk_budget, HKV=Hkv,
+        G=G, D=D, BS=bs, BG=_pad_rows(G), SP=triton.next_power_of_2(m.shape[-1]), NP=NP, C=c,
+        TILE=max(1, min(NP, GATHER_ROWS // c)), GROUP=cfg.selection == "group", RENORM=cfg.renormalize,
+        PREC=_dot_precision(q.dtype), KQ=k_scales is not None, VQ=v_scales is not None,
+        SPLIT=SPLIT_WEIGHTS and q.element_size() == 2, QP=_query_split(q, k_cache), NX=nx, num_warps=GATHER_WARPS,
     )
     return out, mass, rows.sum((1, 2), dtype=torch.int32)
 
 
 def gather_chunks(keys, q, k_cache, m, l, v_cache, block_tables, lengths, cfg: KCacheConfig, scale: float,
-                  k_scales=None, v_scales=None):
+                  k_scales=None, v_scales=None, k_exact=None):
     """The selected chunks' V read from the pool and summed with their exact weights -> (out [B, H, D], mass [B, H]
     float32, V rows read [B] int32)."""
     staged = stage_chunks(keys, v_cache, block_tables, lengths, cfg)
-    return weighted_sum(keys, q, k_cache, m, l, staged, block_tables, lengths, cfg, scale, k_scales, v_scales)
+    return weighted_sum(keys, q, k_cache, m, l, staged, block_tables, lengths, cfg, scale, k_scales, v_scales, k_exact)
 
 
 def kcache_decode(q, k_cache, v_cache, block_tables, lengths, cfg: KCacheConfig, scale=None, k_scales=None,
-                  v_scales=None):
+                  v_scales=None, k_exact=None):
     """KCache decode over paged pools: q [B, H, D] -> (out [B, H, D], mass_kept [B, H] float32, V rows read [B]).
 
-    k_cache lives on the GPU (FP8 with its scales pool k_scales, or not); v_cache may be a pinned (or
-    cudaHostRegister-ed) CPU tensor, read in place (FP8 with its scales pool v_scales on the GPU, or not).
+    k_cache lives on the GPU (FP8 with its scales pool k_scales and exact channels k_exact, or not); v_cache may be
+    a pinned (or cudaHostRegister-ed) CPU tensor, read in place (FP8 with its scales pool v_scales on the GPU, or
+    not).
     """
     D = q.shape[-1]
     scale = scale if scale is not None else 1.0 / math.sqrt(D)
     slices = min(OVERLAP_SLICES, q.shape[0]) if q.is_cuda else 1
     if slices > 1:
-        return _overlapped_decode(q, k_cache, v_cache, block_tables, lengths, cfg, scale, k_scales, v_scales, slices)
-    lse, m, l = chunk_scores(q, k_cache, block_tables, lengths, cfg.chunk_tokens, scale, k_scales)
+        return _overlapped_decode(q, k_cache, v_cache, block_tables, lengths, cfg, scale, k_scales, v_scales, k_exact,
+                                  slices)
+    lse, m, l = chunk_scores(q, k_cache, block_tables, lengths, cfg.chunk_tokens, scale, k_scales, k_exact)
     keys = select_chunks(lse, m, l, lengths, cfg)
-    return gather_chunks(keys, q, k_cache, m, l, v_cache, block_tables, lengths, cfg, scale, k_scales, v_scales)
+    return gather_chunks(keys, q, k_cache, m, l, v_cache, block_tables, lengths, cfg, scale, k_scales, v_scales,
+                         k_exact)
 
 
 @functools.lru_cache
@@ -602,7 +650,7 @@ def _side_stream(device: torch.device) -> torch.cuda.Stream:
 
 
 def _overlapped_decode(q, k_cache, v_cache, block_tables, lengths, cfg: KCacheConfig, scale: float, k_scales,
-                       v_scales, slices: int):
+                       v_scales, k_exact, slices: int):
     """kcache_decode over `slices` slices of the batch: slice i's host copy (a side stream) runs while slice i + 1's
     K scan runs (this stream); each slice's weighted sum waits for its copy. Capturable in a CUDA graph (the side
     stream forks from this one and joins it again)."""
@@ -611,7 +659,7 @@ def _overlapped_decode(q, k_cache, v_cache, block_tables, lengths, cfg: KCacheCo
     copies = []
     for lo, hi in zip(bounds, bounds[1:]):
         qs, tables, lens = q[lo:hi], block_tables[lo:hi], lengths[lo:hi]
-        lse, m, l = chunk_scores(qs, k_cache, tables, lens, cfg.chunk_tokens, scale, k_scales)
+        lse, m, l = chunk_scores(qs, k_cache, tables, lens, cfg.chunk_tokens, scale, k_scales, k_exact)
         keys = select_chunks(lse, m, l, lens, cfg)
         staged = staging_buffer(keys, v_cache, cfg)  # this stream's memory: reused only after the join below
         side.wait_stream(main)  # the slice's keys are ready
@@ -623,7 +671,8 @@ def _overlapped_decode(q, k_cache, v_cache, block_tables, lengths, cfg: KCacheCo
     outs = []
     for qs, tables, lens, m, l, keys, staged, copied in copies:
         main.wait_event(copied)
-        outs.append(weighted_sum(keys, qs, k_cache, m, l, staged, tables, lens, cfg, scale, k_scales, v_scales))
+        outs.append(weighted_sum(keys, qs, k_cache, m, l, staged, tables, lens, cfg, scale, k_scales, v_scales,
+                                 k_exact))
     main.wait_stream(side)  # join: the capture of a CUDA graph must end on this stream
     return tuple(torch.cat(parts) for parts in zip(*outs))
 

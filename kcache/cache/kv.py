@@ -9,13 +9,14 @@ then runs exact prefill or (approximate, for KCache) decode attention.
 
 With `kv_cache_dtype="fp8"` K is stored as float8 e4m3 rows with a float32 scale per (token, KV head), in a scales
 pool of the same layout (head_dim 1; kcache.attention.reference): a decode step appends a token's rows and scales
-without re-quantising its block. FullKV stores V the same way (the FP8 KV cache users already run); KCache keeps
+without re-quantising its block. Each KV head's `fp8_exact_channels` channels of largest |q| x |k| (calibrated at
+start, kcache.engine.calibration) stay exact in the model's dtype, in a pool beside it. FullKV stores V the same way (the FP8 KV cache users already run); KCache keeps
 its host V in the model's dtype. Prefill attends with the exact K/V its chunk computed and the dequantised K/V of
 the earlier chunks (what the cache holds); decode and teacher-forced rows read everything back from the cache.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import torch
@@ -82,12 +83,14 @@ def check_fp8(device: torch.device) -> None:
 
 @dataclass(frozen=True)
 class LayerPools:
-    """One layer's pools, [blocks, Hkv, bs, D], and the scales pools [blocks, Hkv, bs, 1] of those that are FP8."""
+    """One layer's pools, [blocks, Hkv, bs, D], the scales pools [blocks, Hkv, bs, 1] of those that are FP8, and the
+    channels FP8 K keeps exact (if any)."""
 
     k: torch.Tensor
     v: torch.Tensor
     k_scales: torch.Tensor | None
     v_scales: torch.Tensor | None
+    k_exact: reference.ExactChannels | None = None
 
 
 @dataclass(frozen=True)
@@ -105,15 +108,18 @@ class CacheSpec:
 
 
 def cache_spec(model: ModelConfig, dtype: torch.dtype, dense_layers: int | None, kv_cache_dtype: str = "auto",
-               host_v_dtype: str = "auto") -> CacheSpec:
+               host_v_dtype: str = "auto", exact_channels: int = 0) -> CacheSpec:
     """The spec of a cache for `model` (under TP one rank's shard). K of every layer is on the device; so is V of
     every layer for FullKV (dense_layers None), and of the first `dense_layers` layers only for KCache. FP8 rows take
-    one byte per element plus their scale; FullKV's V is stored as its K is, KCache's dense V as `dtype` and its host
-    V as `host_v_dtype` says (FP8: the rows on the host, their scales on the device)."""
-    plain = model.num_kv_heads * model.head_dim * torch.empty((), dtype=dtype).element_size()  # one token, one layer
-    k_row = model.num_kv_heads * (model.head_dim + SCALE_BYTES) if kv_cache_dtype == "fp8" else plain
+    one byte per element plus their scale, and FP8 K its `exact_channels` values in `dtype`; FullKV's V is stored as
+    its K is (without exact channels), KCache's dense V as `dtype` and its host V as `host_v_dtype` says (FP8: the
+    rows on the host, their scales on the device)."""
+    size = torch.empty((), dtype=dtype).element_size()
+    plain = model.num_kv_heads * model.head_dim * size  # one token, one layer
+    fp8_row = model.num_kv_heads * (model.head_dim + SCALE_BYTES)
+    k_row = fp8_row + model.num_kv_heads * exact_channels * size if kv_cache_dtype == "fp8" else plain
     if dense_layers is None:
-        return CacheSpec(2 * model.num_layers * k_row, 0)
+        return CacheSpec(model.num_layers * (k_row + (fp8_row if kv_cache_dtype == "fp8" else plain)), 0)
     dense = min(dense_layers, model.num_layers)
     host_layers = model.num_layers - dense
     if host_v_dtype == "fp8":
@@ -131,7 +137,8 @@ class PagedKVCache:
     """
 
     def __init__(self, cfg: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device,
-                 kv_cache_dtype: Literal["auto", "fp8"] = "auto"):
+                 kv_cache_dtype: Literal["auto", "fp8"] = "auto", exact_channels: torch.Tensor | None = None):
+        """exact_channels [layers, Hkv, n]: the channels FP8 K keeps exact in each layer (kcache.engine.calibration)."""
         self.cfg, self.num_blocks, self.block_size = cfg, num_blocks, block_size
         self.dtype, self.device = dtype, torch.device(device)
         self.fp8 = kv_cache_dtype == "fp8"
@@ -141,6 +148,18 @@ class PagedKVCache:
         shape = (cfg.num_layers, num_blocks, cfg.num_kv_heads, block_size, cfg.head_dim)
         self.k = torch.empty(shape, dtype=reference.FP8 if self.fp8 else dtype, device=self.device)
         self.k_scales = self._scales_pool(cfg.num_layers) if self.fp8 else None
+        self.k_exact_values = self.k_channels = None  # [layers, blocks, Hkv, bs, n] in dtype; [layers, Hkv, n] int32
+        if self.fp8 and exact_channels is not None:
+            if exact_channels.shape != (cfg.num_layers, cfg.num_kv_heads, exact_channels.shape[-1]):
+                raise ValueError(f"exact channels {tuple(exact_channels.shape)} do not match the model's "
+                                 f"[{cfg.num_layers}, {cfg.num_kv_heads}, n]")
+            self.k_channels = exact_channels.to(self.device, torch.int32).contiguous()
+            self.k_exact_values = torch.empty(*shape[:-1], exact_channels.shape[-1], dtype=dtype, device=self.device)
+
+    @property
+    def num_exact_channels(self) -> int:
+        """The K channels per KV head kept exact beside FP8 rows (0: none)."""
+        return 0 if self.k_channels is None else self.k_channels.shape[-1]
 
     def _scales_pool(self, layers: int) -> torch.Tensor:
         """[layers, blocks, Hkv, bs, 1] float32: one scale per FP8 row."""
@@ -155,8 +174,10 @@ class PagedKVCache:
 
     def pools(self, layer: int) -> LayerPools:
         """The layer's pools, with the scales pools of those that are FP8 (each subclass adds V's)."""
+        exact = None if self.k_channels is None else reference.ExactChannels(self.k_exact_values[layer],
+                                                                             self.k_channels[layer])
         return LayerPools(self.k[layer], self.v_layer(layer), None if self.k_scales is None else self.k_scales[layer],
-                          None)
+                          None, exact)
 
     def close(self) -> None:
         """Give back what the pools hold outside PyTorch's allocators (nothing, unless a subclass registers)."""
@@ -189,7 +210,7 @@ class PagedKVCache:
     def attend(self, layer: int, q, k, v, batch: StepBatch) -> torch.Tensor:
         """Store this step's K/V [T, Hkv, D], then attend: q [T, H, D] -> [T, H, D]."""
         pools = self.pools(layer)
-        self._store(pools.k, pools.k_scales, k, batch.slot_mapping)
+        self._store(pools.k, pools.k_scales, k, batch.slot_mapping, pools.k_exact)
         self._store(pools.v, pools.v_scales, v, batch.slot_mapping)  # on a GPU into the host pool in place: graph-capturable
         if batch.is_prefill:
             return self._prefill(q, k, v, pools, batch)
@@ -197,17 +218,27 @@ class PagedKVCache:
             return self._score(layer, q, pools, batch)
         return self._decode(layer, q, pools, batch)
 
-    def _store(self, pool: torch.Tensor, scales: torch.Tensor | None, rows: torch.Tensor, slots: torch.Tensor) -> None:
-        """rows [T, Hkv, D] into their slots [T] of the pool, quantised where the pool is FP8 (scales given)."""
+    def _store(self, pool: torch.Tensor, scales: torch.Tensor | None, rows: torch.Tensor, slots: torch.Tensor,
+               exact: reference.ExactChannels | None = None) -> None:
+        """rows [T, Hkv, D] into their slots [T] of the pool, quantised where the pool is FP8 (scales given), its
+        exact channels (if any) stored as they are."""
+        if exact is not None:
+            rows, values = reference.split_exact(rows, exact.channels)
+            self.ops.store_rows(exact.values, values, slots)
         if scales is not None:
             rows, row_scales = reference.quantize(rows)  # [T, Hkv, D] e4m3, [T, Hkv, 1]
             self.ops.store_rows(scales, row_scales, slots)
         self.ops.store_rows(pool, rows, slots)
 
-    def _rows(self, pool: torch.Tensor, scales: torch.Tensor | None, slots: torch.Tensor, dtype: torch.dtype):
-        """The rows [T, Hkv, D] at slots [T] of a pool anywhere, dequantised in dtype where the pool is FP8."""
+    def _rows(self, pool: torch.Tensor, scales: torch.Tensor | None, slots: torch.Tensor, dtype: torch.dtype,
+              exact: reference.ExactChannels | None = None):
+        """The rows [T, Hkv, D] at slots [T] of a pool anywhere, dequantised in dtype where the pool is FP8 (with its
+        exact channels, if any)."""
         rows = self.ops.load_rows(pool, slots)
-        return rows if scales is None else reference.dequantize(rows, self.ops.load_rows(scales, slots), dtype)
+        if scales is None:
+            return rows
+        rows = reference.dequantize(rows, self.ops.load_rows(scales, slots), dtype)
+        return rows if exact is None else reference.join_exact(rows, self.ops.load_rows(exact.values, slots), exact.channels)
 
     def _prefill(self, q, k, v, pools: LayerPools, batch: StepBatch) -> torch.Tensor:
         """Exact attention per sequence over its cached prefix (as stored: dequantised where FP8) and this chunk
@@ -217,7 +248,7 @@ class PagedKVCache:
             ks, vs = k[s:s + n], v[s:s + n]
             if ctx:  # earlier chunks: K from the device pool, V read back from wherever it lives
                 slots, _ = reference.token_slots(batch.block_tables[i:i + 1], batch.lengths[i:i + 1] - n, self.block_size, ctx)
-                ks = torch.cat([self._rows(pools.k, pools.k_scales, slots[0], q.dtype), ks])
+                ks = torch.cat([self._rows(pools.k, pools.k_scales, slots[0], q.dtype, pools.k_exact), ks])
                 vs = torch.cat([self._rows(pools.v, pools.v_scales, slots[0], q.dtype), vs])
             out[s:s + n] = reference.prefill_attention(q[s:s + n], ks, vs, ctx)
         return out
@@ -229,7 +260,7 @@ class PagedKVCache:
     def _exact_score(self, q, pools: LayerPools, batch: StepBatch) -> torch.Tensor:
         """Teacher-forced rows with exact attention: causal attention of the rows over the sequence."""
         slots = self._sequence_slots(batch)[0]
-        k = self._rows(pools.k, pools.k_scales, slots, q.dtype)
+        k = self._rows(pools.k, pools.k_scales, slots, q.dtype, pools.k_exact)
         v = self._rows(pools.v, pools.v_scales, slots, q.dtype)
         return reference.prefill_attention(q, k, v, k.shape[0] - q.shape[0])
 
@@ -243,22 +274,21 @@ class PagedKVCache:
 class FullKV(PagedKVCache):
     """The ordinary KV cache: K and V on the model's device."""
 
-    def __init__(self, cfg, num_blocks, block_size, dtype, device, kv_cache_dtype="auto"):
-        super().__init__(cfg, num_blocks, block_size, dtype, device, kv_cache_dtype)
+    def __init__(self, cfg, num_blocks, block_size, dtype, device, kv_cache_dtype="auto", exact_channels=None):
+        super().__init__(cfg, num_blocks, block_size, dtype, device, kv_cache_dtype, exact_channels)
         self.v = torch.empty_like(self.k)  # FP8 like K where K is
         self.v_scales = self._scales_pool(cfg.num_layers) if self.fp8 else None
-        self.spec = cache_spec(cfg, dtype, None, kv_cache_dtype)
+        self.spec = cache_spec(cfg, dtype, None, kv_cache_dtype, exact_channels=self.num_exact_channels)
 
     def v_layer(self, layer):
         return self.v[layer]
 
     def pools(self, layer):
-        k = super().pools(layer)
-        return LayerPools(k.k, k.v, k.k_scales, None if self.v_scales is None else self.v_scales[layer])
+        return replace(super().pools(layer), v_scales=None if self.v_scales is None else self.v_scales[layer])
 
     def _decode(self, layer, q, pools: LayerPools, batch):
         return self.ops.full_decode(q, pools.k, pools.v, batch.block_tables, batch.lengths, k_scales=pools.k_scales,
-                                    v_scales=pools.v_scales)
+                                    v_scales=pools.v_scales, k_exact=pools.k_exact)
 
 
 class KCache(PagedKVCache):
@@ -266,12 +296,12 @@ class KCache(PagedKVCache):
     """
 
     def __init__(self, cfg, num_blocks, block_size, dtype, device, kcfg: KCacheConfig, kv_cache_dtype="auto",
-                 host_v_dtype="auto"):
-        super().__init__(cfg, num_blocks, block_size, dtype, device, kv_cache_dtype)
+                 host_v_dtype="auto", exact_channels=None):
+        super().__init__(cfg, num_blocks, block_size, dtype, device, kv_cache_dtype, exact_channels)
         kcfg.check_block_size(block_size)
         self.kcfg = kcfg  # replaced only through use()
         self.dense = min(kcfg.dense_layers, cfg.num_layers)  # layers whose V pool is on the device
-        self.spec = cache_spec(cfg, dtype, kcfg.dense_layers, kv_cache_dtype, host_v_dtype)
+        self.spec = cache_spec(cfg, dtype, kcfg.dense_layers, kv_cache_dtype, host_v_dtype, self.num_exact_channels)
         shape = self.k.shape[1:]
         self.v_dense = torch.empty((self.dense, *shape), dtype=dtype, device=self.device)
         host_fp8 = host_v_dtype == "fp8"
@@ -302,9 +332,8 @@ class KCache(PagedKVCache):
         return self.v_dense[layer] if layer < self.dense else self.v_host[layer - self.dense]
 
     def pools(self, layer):
-        k = super().pools(layer)
         host_fp8 = layer >= self.dense and self.v_host_scales is not None
-        return LayerPools(k.k, k.v, k.k_scales, self.v_host_scales[layer - self.dense] if host_fp8 else None)
+        return replace(super().pools(layer), v_scales=self.v_host_scales[layer - self.dense] if host_fp8 else None)
 
     def plan(self, batch_size: int) -> None:
         """Fresh per-layer records of the mass kept, [layers, B, H] (1.0 for exact layers), and of the V rows read,
@@ -346,10 +375,10 @@ class KCache(PagedKVCache):
     def _decode(self, layer, q, pools: LayerPools, batch):
         if self._exact(layer):
             return self.ops.full_decode(q, pools.k, pools.v, batch.block_tables, batch.lengths, k_scales=pools.k_scales,
-                                        v_scales=pools.v_scales)
+                                        v_scales=pools.v_scales, k_exact=pools.k_exact)
         ops = reference if self.kcfg.selection == "random" else self.ops  # the baseline has no kernel
         out, mass, rows = ops.kcache_decode(q, pools.k, pools.v, batch.block_tables, batch.lengths, self.kcfg,
-                                            k_scales=pools.k_scales, v_scales=pools.v_scales)
+                                            k_scales=pools.k_scales, v_scales=pools.v_scales, k_exact=pools.k_exact)
         self._record(layer, mass, rows)
         return out
 
@@ -365,12 +394,13 @@ class KCache(PagedKVCache):
         if self.ops is not reference and self.kcfg.selection != "random":  # the kernel the decode steps run
             tables = batch.block_tables[:1].expand(q.shape[0], -1).contiguous()
             out, mass, rows = self.ops.kcache_decode(q, pools.k, pools.v, tables, batch.lengths, self.kcfg,
-                                                     k_scales=pools.k_scales, v_scales=pools.v_scales)
+                                                     k_scales=pools.k_scales, v_scales=pools.v_scales,
+                                                     k_exact=pools.k_exact)
             self._record(layer, mass, rows)
             return out
         slots = self._sequence_slots(batch)  # [1, L]
         # [1, Hkv, L, D]: one copy of K for every row, float32 as the scores are
-        k = reference.read_rows(pools.k, slots, pools.k_scales, torch.float32).transpose(1, 2)
+        k = reference.read_rows(pools.k, slots, pools.k_scales, torch.float32, pools.k_exact).transpose(1, 2)
         valid = torch.arange(slots.shape[1], device=q.device)[None, :] < batch.lengths[:, None]  # [T, L]
         read_v = reference.pool_v_reader(pools.v, slots, q.device, pools.v_scales)
         out, mass, rows = reference.kcache_attend(q, k, valid, batch.lengths, read_v, self.kcfg)
@@ -378,9 +408,12 @@ class KCache(PagedKVCache):
         return out
 
 
-def make_cache(cfg: EngineConfig, model: ModelConfig, num_blocks: int, dtype: torch.dtype, device: torch.device) -> PagedKVCache:
-    """The cache `cfg.cache` names, for `model` (one rank's shard under TP: its KV heads only)."""
+def make_cache(cfg: EngineConfig, model: ModelConfig, num_blocks: int, dtype: torch.dtype, device: torch.device,
+               exact_channels: torch.Tensor | None = None) -> PagedKVCache:
+    """The cache `cfg.cache` names, for `model` (one rank's shard under TP: its KV heads only); exact_channels
+    [layers, Hkv, n]: the channels FP8 K keeps exact."""
     args = (model, num_blocks, cfg.block_size, dtype, device)
     if cfg.cache == "full":
-        return FullKV(*args, kv_cache_dtype=cfg.kv_cache_dtype)
-    return KCache(*args, cfg.kcache, kv_cache_dtype=cfg.kv_cache_dtype, host_v_dtype=cfg.host_v_dtype)
+        return FullKV(*args, kv_cache_dtype=cfg.kv_cache_dtype, exact_channels=exact_channels)
+    return KCache(*args, cfg.kcache, kv_cache_dtype=cfg.kv_cache_dtype, host_v_dtype=cfg.host_v_dtype,
+                  exact_channels=exact_channels)

@@ -113,7 +113,7 @@ def plan_pools(cfg: EngineConfig, model: ModelConfig, dtype: torch.dtype, device
     """Blocks both budgets allow. Host V blocks share the device K blocks' ids, so the smaller count wins; under
     TP `model` is one rank's shard, and every rank takes the smallest count of all ranks."""
     spec = cache_spec(model, dtype, cfg.kcache.dense_layers if cfg.cache == "kcache" else None, cfg.kv_cache_dtype,
-                      cfg.host_v_dtype)
+                      cfg.host_v_dtype, cfg.k_exact_channels)
     dev_per_block, host_per_block = spec.device_bytes_per_block(cfg.block_size), spec.host_bytes_per_block(cfg.block_size)
     budget = device_budget(cfg, device, activation_peak)
     blocks = budget // dev_per_block

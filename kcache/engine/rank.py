@@ -40,5 +40,5 @@ def start_rank(cfg: EngineConfig, rank: int, port: int | None, shard: loader.Loa
     shard = shard or load_rank(cfg, rank)
     max_model_len = cfg.max_model_len or shard.config.max_position_embeddings
     shard.config.check_context(max_model_len)
-    runner, plan = build_runner(cfg, shard.model, max_model_len, followers)
+    runner, plan = build_runner(cfg, shard.model, max_model_len, followers, shard.tokenizer)
     return Rank(shard, runner, plan, max_model_len)

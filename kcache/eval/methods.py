@@ -6,6 +6,8 @@ Methods (N is the V budget: rows read per KV head, or per query head with `selec
   kcache[:N][:key=value...]          KCacheConfig fields, e.g. kcache:64:renormalize=false:dense_layers=2, and
                                      kv_cache_dtype=fp8 (K in float8 e4m3) or host_v_dtype=fp8 (the host V in float8
                                      e4m3), each on pools of its own
+  With kv_cache_dtype=fp8 both take fp8_exact_channels=n (the K channels per head kept exact; the engine's default
+  otherwise).
   streaming:N[:sink_tokens=S]        StreamingLLM-style: S first tokens (4) plus the N-S most recent ones
   random:N[:key=value...]            N random tokens per KV head, renormalised (a baseline)
 Tasks: a name of kcache.eval.tasks.TASKS with its options, e.g. multikey:keys=2 or multihop:hops=2:chains=1.
@@ -34,18 +36,19 @@ class Method:
     kcache: KCacheConfig | None  # None: the full cache
     kv_cache_dtype: str = "auto"
     host_v_dtype: str = "auto"
+    fp8_exact_channels: int | None = None  # None: the engine's default
 
     @property
     def budget(self) -> int | None:
         return None if self.kcache is None else self.kcache.budget
 
     @property
-    def engine(self) -> tuple[str, str, str]:
-        """(cache, kv_cache_dtype, host_v_dtype) of the engine whose prefilled pools this method decodes from. The
-        full cache in the model's dtype shares KCache's (its exact layers compute what FullKV does); in FP8 it is
-        FullKV's own, whose V is FP8 too, as users run it."""
+    def engine(self) -> tuple[str, str, str, int | None]:
+        """(cache, kv_cache_dtype, host_v_dtype, fp8_exact_channels) of the engine whose prefilled pools this method
+        decodes from. The full cache in the model's dtype shares KCache's (its exact layers compute what FullKV
+        does); in FP8 it is FullKV's own, whose V is FP8 too, as users run it."""
         full_fp8 = self.kcache is None and self.kv_cache_dtype != "auto"
-        return ("full" if full_fp8 else "kcache", self.kv_cache_dtype, self.host_v_dtype)
+        return ("full" if full_fp8 else "kcache", self.kv_cache_dtype, self.host_v_dtype, self.fp8_exact_channels)
 
     def config(self, num_layers: int) -> KCacheConfig:
         """The cache setting to decode with; the full cache is KCache with every layer exact."""
@@ -96,10 +99,13 @@ def parse_method(spec: str) -> Method:
         dtypes[key] = options.pop(key, "auto")
         if dtypes[key] not in KV_CACHE_DTYPES:
             raise ValueError(f"{spec!r}: {key} must be one of {', '.join(KV_CACHE_DTYPES)}, got {dtypes[key]!r}")
+    exact = options.pop("fp8_exact_channels", None)
+    if exact is not None and (dtypes["kv_cache_dtype"] != "fp8" or not isinstance(exact, int) or not 0 <= exact <= 16):
+        raise ValueError(f"{spec!r}: fp8_exact_channels takes a number from 0 to 16, with kv_cache_dtype=fp8")
     if kind == "full":
         if n is not None or options or dtypes["host_v_dtype"] != "auto":
-            raise ValueError(f"{spec!r}: the full cache takes only kv_cache_dtype")
-        return Method(spec.strip(), ":".join(["full"] + raw), None, dtypes["kv_cache_dtype"])
+            raise ValueError(f"{spec!r}: the full cache takes only kv_cache_dtype (and fp8_exact_channels)")
+        return Method(spec.strip(), ":".join(["full"] + raw), None, dtypes["kv_cache_dtype"], fp8_exact_channels=exact)
     fields = {}
     if kind == "streaming":
         if n is None:
@@ -117,7 +123,7 @@ def parse_method(spec: str) -> Method:
         err = e.errors()[0]
         raise ValueError(f"{spec!r}: {'.'.join(map(str, err['loc'])) or 'value'}: {err['msg']}") from None
     family = ":".join([kind] + [p for p in raw if not p.startswith("top_n=")])
-    return Method(spec.strip(), family, cfg, **dtypes)
+    return Method(spec.strip(), family, cfg, **dtypes, fp8_exact_channels=exact)
 
 
 def parse_task(spec: str) -> TaskSpec:

@@ -279,7 +279,7 @@ def summarize_run(s: dict, methods: list[Method], records: list[dict], fidelity:
         per_kv_head = None if cfg is None else cfg.budget * (group if cfg.selection == "head" else 1)
         fid = {p: rows[m.name] for p, rows in fidelity.items()} if fidelity else None
         out[m.name] = dict(family=m.family, budget=m.budget, v_rows=per_kv_head, kv_cache_dtype=m.kv_cache_dtype,
-                           host_v_dtype=m.host_v_dtype,
+                           host_v_dtype=m.host_v_dtype, fp8_exact_channels=m.fp8_exact_channels,
                            kcache=None if cfg is None else cfg.model_dump(), tasks=tasks.get(m.name, {}),
                            fidelity=fid or {}, targets=report.targets(tasks.get(m.name) if records else None, fid))
     return dict(settings=s, device=device, seconds=seconds, methods=out, recommended=report.recommend(out))
@@ -297,15 +297,17 @@ def run(args) -> int:
     s = resolve(args)
     methods = methods_from(s["methods"])
     s["methods"] = [m.name for m in methods]
-    # One engine per (cache, kv_cache_dtype, host_v_dtype) the methods need, the reference's first. KCache's keeps V of every layer
+    # One engine per (cache, kv_cache_dtype, host_v_dtype, fp8_exact_channels) the methods need, the reference's first. KCache's keeps V of every layer
     # in the host pool; each method then sets cache.kcfg (the full cache: all layers exact). Eager decode: a CUDA
     # graph would replay the setting it was captured with, whatever cache.kcfg says.
     harnesses = {}
-    for cache, kv_cache_dtype, host_v_dtype in dict.fromkeys(m.engine for m in methods):
+    for key in dict.fromkeys(m.engine for m in methods):
+        cache, kv_cache_dtype, host_v_dtype, exact = key
         llm = LLM(s["model"], cache=KCacheConfig() if cache == "kcache" else cache, dtype=s["dtype"],
                   device=s["device"], max_model_len=s["max_model_len"], seed=s["seed"], enforce_eager=True,
-                  kv_cache_dtype=kv_cache_dtype, host_v_dtype=host_v_dtype)
-        harnesses[cache, kv_cache_dtype, host_v_dtype] = Harness(llm.engine)
+                  kv_cache_dtype=kv_cache_dtype, host_v_dtype=host_v_dtype,
+                  **({} if exact is None else {"fp8_exact_channels": exact}))
+        harnesses[key] = Harness(llm.engine)
     eng = next(iter(harnesses.values())).engine
     if eng.tokenizer is None:
         raise CLIError("this model has no tokenizer files; the tasks need text")
