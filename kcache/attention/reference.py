@@ -229,7 +229,7 @@ def kcache_decode(q, k_cache, v_cache, block_tables, lengths, cfg: KCacheConfig,
     read.
     """
     slots, valid = token_slots(block_tables, lengths, k_cache.shape[2])
-    k = read_rows(k_cache, slots, k_scales, torch.float32, k_exact).transpose(1, 2)  # [B, Hkv, L, D]; the scores are float32
+    k = read_rows(k_cache, slots, k_scales, torch.float32, k_exact).transpose(1, 2)  # [B, Hkv, L, D] float32 scores
     return kcache_attend(q, k, valid, lengths, pool_v_reader(v_cache, slots, q.device, v_scales), cfg, scale)
 
 

@@ -67,7 +67,8 @@ PROGRAMS_PER_SM = 16
 # runs: PCIe and HBM are separate resources, but a copy spread over the GPU (one program per 16 rows) takes SMs from
 # the scan and hides nothing. On 32 looping programs of 64 rows it does: the op over 32 layers on the lent H200
 # (benchmarks/results/kcache_step_probe_overlap_h200_*.json, chunks of 8), 1 slice spread against 2 slices on 32
-# programs: 8k, batch 92, N=64 21.9 -> 18.3 ms; N=256 45.4 -> 39.1; 32k, batch 23, N=64 15.6 -> 15.5; N=256 21.7 -> 18.6.
+# programs: 8k, batch 92, N=64 21.9 -> 18.3 ms; N=256 45.4 -> 39.1; 16k, batch 46, N=64 17.9 -> 16.3; 32k, batch 23,
+# N=64 15.6 -> 15.5; N=256 21.7 -> 18.6.
 OVERLAP_SLICES = 2
 
 
@@ -329,8 +330,8 @@ def _scores_kernel(
         ks_next = ks
         if KQ:
             ks_next = _row_scales(k_scales, table_row, pos + BLOCK_N, end, h, HKV, BS)
-        x, _, _ = _tile_logits(q0, q1, q2, qs, qx, k_cache, ks, k_exact, table_row, pos, end, scale, h, HKV, D, BS, PREC,
-                               KQ, QP, NX)
+        x, _, _ = _tile_logits(q0, q1, q2, qs, qx, k_cache, ks, k_exact, table_row, pos, end, scale, h, HKV, D, BS,
+                               PREC, KQ, QP, NX)
         ks = ks_next
         m_new = tl.maximum(m, tl.max(x, 1))
         p = tl.exp(x - m_new[:, None])  # [BG, BLOCK_N], shared by the split's sum and the chunks' sums

@@ -10,9 +10,10 @@ then runs exact prefill or (approximate, for KCache) decode attention.
 With `kv_cache_dtype="fp8"` K is stored as float8 e4m3 rows with a float32 scale per (token, KV head), in a scales
 pool of the same layout (head_dim 1; kcache.attention.reference): a decode step appends a token's rows and scales
 without re-quantising its block. Each KV head's `fp8_exact_channels` channels of largest |q| x |k| (calibrated at
-start, kcache.engine.calibration) stay exact in the model's dtype, in a pool beside it. FullKV stores V the same way (the FP8 KV cache users already run); KCache keeps
-its host V in the model's dtype. Prefill attends with the exact K/V its chunk computed and the dequantised K/V of
-the earlier chunks (what the cache holds); decode and teacher-forced rows read everything back from the cache.
+start, kcache.engine.calibration) stay exact in the model's dtype, in a pool beside it. FullKV stores V in e4m3 the
+same way, without exact channels (the FP8 KV cache users already run); KCache keeps its host V in the model's dtype.
+Prefill attends with the exact K/V its chunk computed and the dequantised K/V of the earlier chunks (what the cache
+holds); decode and teacher-forced rows read everything back from the cache.
 """
 from __future__ import annotations
 
@@ -238,7 +239,9 @@ class PagedKVCache:
         if scales is None:
             return rows
         rows = reference.dequantize(rows, self.ops.load_rows(scales, slots), dtype)
-        return rows if exact is None else reference.join_exact(rows, self.ops.load_rows(exact.values, slots), exact.channels)
+        if exact is None:
+            return rows
+        return reference.join_exact(rows, self.ops.load_rows(exact.values, slots), exact.channels)
 
     def _prefill(self, q, k, v, pools: LayerPools, batch: StepBatch) -> torch.Tensor:
         """Exact attention per sequence over its cached prefix (as stored: dequantised where FP8) and this chunk

@@ -46,11 +46,9 @@ def calibration_ids(tokenizer, vocab_size: int, n: int) -> list[int]:
 
 
 @torch.inference_mode()
-def exact_channels(model: LlamaForCausalLM, ids: list[int], n: int) -> torch.Tensor:
-    """The n channels of each layer's KV heads with the largest mean |k| x mean |q| over a prefill of ids:
-    [layers, Hkv, n] int32, ascending, on the model's device (under TP: this rank's heads; every rank runs it)."""
-    if not 0 < n <= model.config.head_dim:
-        raise ValueError(f"fp8_exact_channels must lie in [1, head_dim={model.config.head_dim}], got {n}")
+def channel_weights(model: LlamaForCausalLM, ids: list[int]) -> torch.Tensor:
+    """Sum |k| x sum |q| (over the KV head's query group) of each channel over a prefill of ids: [layers, Hkv, D]
+    float32 on the model's device (under TP: this rank's heads; every rank runs it)."""
     device = next(model.parameters()).device
     T = len(ids)
     stats = _ChannelMagnitudes()
@@ -58,5 +56,12 @@ def exact_channels(model: LlamaForCausalLM, ids: list[int], n: int) -> torch.Ten
     batch = StepBatch(is_prefill=True, slot_mapping=empty.long(), block_tables=empty[None], lengths=empty,
                       chunk_starts=(0,), chunk_lens=(T,), context_lens=(0,))
     model(torch.tensor(ids, device=device), torch.arange(T, device=device), stats, batch)
-    weight = torch.stack([stats.k[i] * stats.q[i] for i in range(len(stats.k))])  # [layers, Hkv, D]
-    return weight.topk(n, -1).indices.sort(-1).values.to(torch.int32)
+    return torch.stack([stats.k[i] * stats.q[i] for i in range(len(stats.k))])
+
+
+def exact_channels(model: LlamaForCausalLM, ids: list[int], n: int) -> torch.Tensor:
+    """The n channels of each layer's KV heads with the largest mean |k| x mean |q| over a prefill of ids:
+    [layers, Hkv, n] int32, ascending, on the model's device."""
+    if not 0 < n <= model.config.head_dim:
+        raise ValueError(f"fp8_exact_channels must lie in [1, head_dim={model.config.head_dim}], got {n}")
+    return channel_weights(model, ids).topk(n, -1).indices.sort(-1).values.to(torch.int32)
