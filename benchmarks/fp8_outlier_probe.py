@@ -5,8 +5,9 @@ the logits in proportion to |q| x |k| there, and a few channels per head carry m
 of K in the full cache (float32, CPU): every K row a layer stores is replaced by what the storage would give back.
 FP8 per (token, head) as kv_cache_dtype=fp8 stores it; and the same with each head's n channels of largest
 mean |k| x mean |q| kept exact ("channels"), or its n/2 rotary pairs (i, i + D/2) of largest summed weight ("pairs":
-a rotation keeps a pair's magnitude, so the choice does not depend on the position). The channels are calibrated on
-2048 tokens of another book (Peter Pan). Scored: perplexity and mean KL of the next-token distribution over 512
+a rotation keeps a pair's magnitude, so the choice does not depend on the position); and as kcache stores it, under
+one scale per (layer, KV head) with the same channels exact ("head": kcache.engine.calibration's scales). The
+channels and scales are calibrated on 2048 tokens of another book (Peter Pan). Scored: perplexity and mean KL of the next-token distribution over 512
 tokens of Sherlock Holmes after 2048, against the exact cache.
 
     python benchmarks/fp8_outlier_probe.py [--out docs/accuracy/fp8-outliers.json]
@@ -25,7 +26,8 @@ from kcache.eval.haystack import read_text
 from kcache.llm import LLM
 
 PREFIX, SCORED, CALIBRATION = 2048, 512, 2048
-VARIANTS = [("fp8", 0), ("channels", 4), ("channels", 8), ("channels", 16), ("pairs", 4), ("pairs", 8)]
+VARIANTS = [("fp8", 0), ("channels", 4), ("channels", 8), ("channels", 16), ("pairs", 4), ("pairs", 8), ("head", 0),
+            ("head", 4), ("head", 8)]
 
 
 def channel_weights(llm: LLM, ids: list[int]) -> dict[int, torch.Tensor]:
@@ -46,18 +48,28 @@ def kept_channels(weight: torch.Tensor, kind: str, n: int) -> torch.Tensor:
     return torch.zeros_like(weight, dtype=torch.bool).scatter_(1, top, True)
 
 
-def stored(k: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
-    """K rows [T, Hkv, D] as FP8 per (token, head) gives them back, the `keep` channels exact."""
-    if keep is None:
-        return ref.dequantize(*ref.quantize(k), k.dtype)
-    return torch.where(keep, k, ref.dequantize(*ref.quantize(k.masked_fill(keep, 0.0)), k.dtype))
+def per_row(x: torch.Tensor) -> torch.Tensor:
+    """Rows x [..., D] as e4m3 under one scale per row (its largest magnitude / 448) gives them back."""
+    scales = (x.float().abs().amax(-1, keepdim=True) / ref.FP8_MAX).clamp_min(torch.finfo(torch.float32).tiny)
+    return ((x.float() / scales).clamp(-ref.FP8_MAX, ref.FP8_MAX).to(ref.FP8).float() * scales).to(x.dtype)
 
 
-def next_token_logprobs(llm: LLM, ids: list[int], keep: dict[int, torch.Tensor | None] | None) -> torch.Tensor:
-    """Log-probabilities [SCORED, V] float64 of the scored tokens, K stored as `keep` says (None: exact)."""
+def stored(k: torch.Tensor, keep: torch.Tensor | None, scales: torch.Tensor | None = None) -> torch.Tensor:
+    """K rows [T, Hkv, D] as FP8 gives them back, the `keep` channels [Hkv, D] exact: per (token, head), or under the
+    heads' scales [Hkv, 1] as kcache stores them."""
+    rest = k if keep is None else k.masked_fill(keep, 0.0)
+    back = per_row(rest) if scales is None else ref.dequantize(ref.quantize(rest, scales), scales, k.dtype)
+    return back if keep is None else torch.where(keep, k, back)
+
+
+def next_token_logprobs(llm: LLM, ids: list[int], keep: dict[int, torch.Tensor | None] | None,
+                        scales: torch.Tensor | None = None) -> torch.Tensor:
+    """Log-probabilities [SCORED, V] float64 of the scored tokens, K stored as `keep` and `scales` [layers, Hkv, 1]
+    say (keep None: exact)."""
     attend = llm.engine.cache.attend
     if keep is not None:
-        llm.engine.cache.attend = lambda layer, q, k, v, batch: attend(layer, q, stored(k, keep[layer]), v, batch)
+        llm.engine.cache.attend = lambda layer, q, k, v, batch: attend(
+            layer, q, stored(k, keep[layer], None if scales is None else scales[layer]), v, batch)
     try:
         return torch.log_softmax(llm.score(ids, PREFIX).logits.double(), -1)
     finally:
@@ -70,15 +82,24 @@ def main() -> None:
     args = p.parse_args()
     llm = LLM("smollm2", cache="full", dtype="float32", device="cpu")  # plain float32 K: each storage is simulated
     tokens = lambda book, n: llm.tokenizer(read_text(book), verbose=False)["input_ids"][:n]  # noqa: E731
-    weights = channel_weights(llm, tokens("peter_pan", CALIBRATION))
+    calibration_ids = tokens("peter_pan", CALIBRATION)
+    weights = channel_weights(llm, calibration_ids)
     ids = tokens("sherlock", PREFIX + SCORED)
     target = torch.tensor(ids[PREFIX:])
     exact = next_token_logprobs(llm, ids, None)
     nll = lambda logp: -logp[torch.arange(len(target)), target].mean().item()  # noqa: E731
     rows = []
     for kind, n in VARIANTS:
-        keep = {layer: None if kind == "fp8" else kept_channels(w, kind, n) for layer, w in weights.items()}
-        logp = next_token_logprobs(llm, ids, keep)
+        scales = None
+        if kind == "head":  # what the engine calibrates: the scales and the channels of calibration.calibrate
+            fp8 = calibration.calibrate(llm.engine.model, calibration_ids, n)
+            scales = fp8.k_scales.cpu()
+            keep = {layer: None if fp8.channels is None else
+                    torch.zeros_like(w, dtype=torch.bool).scatter_(1, fp8.channels[layer].long().cpu(), True)
+                    for layer, w in weights.items()}
+        else:
+            keep = {layer: None if kind == "fp8" else kept_channels(w, kind, n) for layer, w in weights.items()}
+        logp = next_token_logprobs(llm, ids, keep, scales)
         rows.append({"storage": kind, "exact_channels": n, "ppl_x_full": math.exp(nll(logp) - nll(exact)),
                      "kl": (exact.exp() * (exact - logp)).sum(-1).mean().item(),
                      "top1_agreement": (logp.argmax(-1) == exact.argmax(-1)).double().mean().item()})

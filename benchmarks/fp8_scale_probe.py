@@ -20,8 +20,7 @@ import math
 
 import torch
 
-from fp8_outlier_probe import kept_channels, stored  # same folder
-from kcache.attention import reference as ref
+from fp8_outlier_probe import kept_channels, per_row, stored  # same folder
 from kcache.eval.haystack import read_text
 from kcache.llm import LLM
 
@@ -42,8 +41,7 @@ def quantize_blocks(k: torch.Tensor) -> torch.Tensor:
     """k [T, Hkv, D] -> its values under one scale per (block of BLOCK tokens, KV head), float32."""
     T, Hkv, D = k.shape
     blocks = k.view(T // BLOCK, BLOCK, Hkv, D).transpose(1, 2).reshape(T // BLOCK, Hkv, BLOCK * D)
-    rows, scales = ref.quantize(blocks)  # one scale over the block's rows of each head
-    back = ref.dequantize(rows, scales, torch.float32)
+    back = per_row(blocks)  # one scale over the block's rows of each head
     return back.view(T // BLOCK, Hkv, BLOCK, D).transpose(1, 2).reshape(T, Hkv, D)
 
 
@@ -85,10 +83,10 @@ def main() -> None:
     rows = []
     for layer, (q, k) in sorted(seen.items()):
         q, k = q[:T], k[:T]
-        per_token = ref.dequantize(*ref.quantize(k), torch.float32)
+        per_token = per_row(k)
         per_block = quantize_blocks(k)
         mean = k.mean(0, keepdim=True)  # [1, Hkv, D]
-        centred = ref.dequantize(*ref.quantize(k - mean), torch.float32) + mean
+        centred = per_row(k - mean) + mean
         sinks_exact = torch.cat([k[:SINKS], per_token[SINKS:]])
         bf16 = k.to(torch.bfloat16).float()
         err = lambda approx: ((approx - k).norm(dim=(0, 2)) / k.norm(dim=(0, 2))).tolist()  # noqa: E731  per head

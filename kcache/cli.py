@@ -74,7 +74,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="tokens per selected chunk, read from host memory as one piece (a power of two dividing "
                         "--block-size; 1: token-level selection)")
     c.add_argument("--kv-cache-dtype", choices=["auto", "fp8"], default=d("kv_cache_dtype"),
-                   help="fp8: K (and FullKV's V) stored as float8 e4m3 with a scale per token and KV head")
+                   help="fp8: K (and FullKV's V) stored as float8 e4m3 with a scale per layer and KV head (calibrated at start)")
     c.add_argument("--fp8-exact-channels", type=non_negative_int, default=d("fp8_exact_channels"),
                    help="with --kv-cache-dtype fp8: K channels per KV head kept exact beside the e4m3 rows (its "
                         "loudest, calibrated at start; at most 16; 0: none)")

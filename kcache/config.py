@@ -109,8 +109,8 @@ class EngineConfig(_Frozen):
     kv_cache_dtype: Literal["auto", "fp8"] = Field(
         "auto",
         description="auto: the cache in the model's dtype; fp8: K on the device as float8 e4m3 with one float32 "
-        "scale per token and KV head, and fp8_exact_channels channels kept exact (FullKV stores V in e4m3 the same "
-        "way; KCache keeps its host V in the model's dtype)",
+        "scale per layer and KV head (set by one calibration prefill at start), and fp8_exact_channels channels kept "
+        "exact (FullKV stores V in e4m3 the same way; KCache keeps its host V as host_v_dtype says)",
     )
     fp8_exact_channels: int = Field(
         4, ge=0, le=16,
@@ -120,8 +120,8 @@ class EngineConfig(_Frozen):
     )
     host_v_dtype: Literal["auto", "fp8"] = Field(
         "auto",
-        description="KCache's host V pool: auto: the model's dtype; fp8: float8 e4m3 with one float32 scale per token "
-        "and KV head, the scales on the device: half the host memory and half the bytes of each read",
+        description="KCache's host V pool: auto: the model's dtype; fp8: float8 e4m3 with one float32 scale per layer "
+        "and KV head (calibrated at start): half the host memory and half the bytes of each read",
     )
     block_size: int = Field(16, ge=1)
     max_model_len: int | None = Field(None, ge=1, description="defaults to the model's context length")
@@ -149,6 +149,11 @@ class EngineConfig(_Frozen):
         elif self.host_v_dtype != "auto":
             raise ValueError("host_v_dtype is KCache's host V pool; the full cache has none (use kv_cache_dtype)")
         return self
+
+    @property
+    def fp8_pools(self) -> bool:
+        """Whether some pool is FP8 (then the engine calibrates the scales at start)."""
+        return self.kv_cache_dtype == "fp8" or self.host_v_dtype == "fp8"
 
     @property
     def k_exact_channels(self) -> int:

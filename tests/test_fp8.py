@@ -21,9 +21,24 @@ E4M3_SUBNORMAL_STEP = 2.0 ** -9  # below 2^-6 e4m3 is evenly spaced by 2^-9
 
 def _pools(nb, Hkv, bs, D, seed):
     g = torch.Generator().manual_seed(seed)
-    # rows of very different magnitudes, as K is across heads and tokens: a scale per row must absorb it
-    size = torch.exp(1.5 * torch.randn(nb, Hkv, bs, 1, generator=g))
+    # rows of different magnitudes, as K is across tokens, and heads of different ranges
+    size = torch.exp(0.7 * torch.randn(nb, 1, bs, 1, generator=g)) * torch.exp(torch.randn(1, Hkv, 1, 1, generator=g))
     return torch.randn(nb, Hkv, bs, D, generator=g) * size, torch.randn(nb, Hkv, bs, D, generator=g) * size
+
+
+def _head_scales(pool):
+    """The scales [Hkv, 1] a calibration over the whole pool [nb, Hkv, bs, D] would set."""
+    return ref.fp8_scales(pool.abs().amax((0, 2, 3)))
+
+
+def _quantize_pool(pool, scales=None):
+    """A pool [nb, Hkv, bs, D] in e4m3 as the cache stores it, with its heads' scales [Hkv, 1]."""
+    scales = _head_scales(pool) if scales is None else scales
+    return ref.quantize(pool.transpose(1, 2), scales).transpose(1, 2).contiguous(), scales
+
+
+def _dequantize_pool(pool8, scales, dtype):
+    return ref.dequantize(pool8.transpose(1, 2), scales, dtype).transpose(1, 2).contiguous()
 
 
 def _tables(lengths, bs, nb, seed):
@@ -38,21 +53,24 @@ def _tables(lengths, bs, nb, seed):
     return tables, torch.tensor(lengths, dtype=torch.int32)
 
 
-def test_quantize_rounds_each_row_to_e4m3_of_its_own_range():
+def test_quantize_rounds_each_value_to_e4m3_under_its_heads_scale_and_saturates_past_it():
     x, _ = _pools(4, 3, 8, 64, seed=0)
-    x[0, 0, 0] = 0.0  # an all-zero row
-    rows, scales = ref.quantize(x)
+    x = x.transpose(1, 2).reshape(32, 3, 64)  # rows [T, Hkv, D]
+    scales = ref.fp8_scales(x.abs().amax((0, 2)))
+    assert scales.dtype == torch.float32 and scales.shape == (3, 1)
+    assert torch.allclose(scales[:, 0].double() * ref.FP8_MAX, x.abs().amax((0, 2)).double() * ref.HEADROOM)
+    x[0, 0] = 0.0  # an all-zero row
+    x[1, 1, :2] = torch.tensor([1.0, -1.0]) * 2 * ref.HEADROOM * x[:, 1].abs().max()  # past what the scale covers
+    rows = ref.quantize(x, scales)
     assert rows.dtype == torch.float8_e4m3fn and rows.shape == x.shape
-    assert scales.dtype == torch.float32 and scales.shape == (*x.shape[:-1], 1)
     back = ref.dequantize(rows, scales, torch.float64)
-    x64 = x.double()
-    amax = x64.abs().amax(-1, keepdim=True)
-    bound = torch.maximum(E4M3_HALF_ULP * x64.abs(), E4M3_SUBNORMAL_STEP / 2 * scales.double()) * (1 + 1e-6)
-    assert ((back - x64).abs() <= bound).all()
-    # each row's largest magnitude lands on e4m3's largest value, so it is kept up to the scale's float32 rounding
-    hit = x64.abs() == amax
-    assert torch.allclose(back.abs()[hit], x64.abs()[hit], rtol=1e-6)
-    assert (back[0, 0, 0] == 0).all() and scales[0, 0, 0].isfinite().all()
+    x64, s64 = x.double(), scales.double()
+    bound = torch.maximum(E4M3_HALF_ULP * x64.abs(), E4M3_SUBNORMAL_STEP / 2 * s64) * (1 + 1e-6)
+    inside = x64.abs() <= ref.FP8_MAX * s64
+    assert ((back - x64).abs() <= bound)[inside].all()
+    # values past the head's range saturate at e4m3's largest (float8_e4m3fn has no inf: not NaN)
+    assert torch.equal(back[1, 1, :2], torch.tensor([1.0, -1.0], dtype=torch.float64) * ref.FP8_MAX * s64[1, 0])
+    assert (back[0, 0] == 0).all() and back.isfinite().all()
 
 
 def _float64_full(q, k, v, tables, lengths):
@@ -78,9 +96,9 @@ def test_reference_decodes_fp8_pools_as_float64_math_on_the_dequantised_values()
     k, v = _pools(16, Hkv, bs, D, seed=1)
     tables, lens = _tables(lengths, bs, 16, seed=2)
     q = torch.randn(len(lengths), Hkv * G, D, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
-    k8, ks = ref.quantize(k)  # the scales pools [..., 1]: the cache's layout
-    v8, vs = ref.quantize(v)
-    k64, v64 = ref.dequantize(k8, ks, torch.float64), ref.dequantize(v8, vs, torch.float64)
+    k8, ks = _quantize_pool(k)
+    v8, vs = _quantize_pool(v)
+    k64, v64 = _dequantize_pool(k8, ks, torch.float64), _dequantize_pool(v8, vs, torch.float64)
 
     full = ref.full_decode(q, k8, v8, tables, lens, k_scales=ks, v_scales=vs)
     assert torch.allclose(full, _float64_full(q, k64, v64, tables, lens), rtol=0, atol=1e-12)
@@ -99,25 +117,25 @@ def test_reference_decodes_fp8_pools_as_float64_math_on_the_dequantised_values()
 
 
 def _exact_case(nb, Hkv, bs, D, n, seed):
-    """K pools [nb, Hkv, bs, D] with n exact channels per head (distinct, random): (k, its e4m3 rows and scales of
+    """K pools [nb, Hkv, bs, D] with n exact channels per head (distinct, random): (k, its e4m3 pool and scales of
     the rows with those channels zeroed, the ExactChannels, k as stored in float64)."""
     k, _ = _pools(nb, Hkv, bs, D, seed)
     g = torch.Generator().manual_seed(seed + 10)
     channels = torch.stack([torch.randperm(D, generator=g)[:n].sort().values for _ in range(Hkv)]).to(torch.int32)
     rows = lambda pool: pool.transpose(1, 2)  # noqa: E731  [nb, bs, Hkv, D]: split_exact takes rows of KV heads
     zeroed, values = ref.split_exact(rows(k), channels)
-    k8, ks = ref.quantize(rows(zeroed).contiguous())
+    k8, ks = _quantize_pool(rows(zeroed))  # the scales cover the channels left in e4m3
     exact = ref.ExactChannels(rows(values).contiguous(), channels)
-    stored = rows(ref.join_exact(rows(ref.dequantize(k8, ks, torch.float64)), values, channels))
+    stored = rows(ref.join_exact(rows(_dequantize_pool(k8, ks, torch.float64)), values, channels))
     return k, k8, ks, exact, stored.contiguous()
 
 
-def test_exact_channels_are_stored_as_they_are_and_the_rest_in_e4m3_of_their_own_range():
+def test_exact_channels_are_stored_as_they_are_and_the_rest_in_e4m3():
     k, k8, ks, exact, stored = _exact_case(6, 3, 8, 32, 4, seed=11)
     keep = torch.zeros(3, 32, dtype=torch.bool).scatter_(1, exact.channels.long(), True)  # [Hkv, D]
     assert torch.equal(stored[..., keep[None, :, None, :].expand_as(k)], k.double()[..., keep[None, :, None, :].expand_as(k)])
     assert (k8.float()[keep[None, :, None, :].expand_as(k)] == 0).all()
-    others = ref.dequantize(*ref.quantize(k.masked_fill(keep[None, :, None, :], 0.0)), torch.float64)
+    others = _dequantize_pool(*_quantize_pool(k.masked_fill(keep[None, :, None, :], 0.0), ks), torch.float64)
     assert torch.equal(stored.masked_fill(keep[None, :, None, :], 0.0), others)
     slots = torch.tensor([0, 5, 17, 40])
     assert torch.equal(ref.read_rows(k8, slots, ks, torch.float64, exact), ref.rows_at(stored, slots))
@@ -132,8 +150,8 @@ def test_reference_decodes_exact_channels_as_float64_math_on_the_stored_values()
     _, v = _pools(16, Hkv, bs, D, seed=13)
     tables, lens = _tables(lengths, bs, 16, seed=14)
     q = torch.randn(len(lengths), Hkv * G, D, generator=torch.Generator().manual_seed(15), dtype=torch.float64)
-    v8, vs = ref.quantize(v)
-    v64 = ref.dequantize(v8, vs, torch.float64)
+    v8, vs = _quantize_pool(v)
+    v64 = _dequantize_pool(v8, vs, torch.float64)
     want = _float64_full(q, k64, v64, tables, lens)
     full = ref.full_decode(q, k8, v8, tables, lens, k_scales=ks, v_scales=vs, k_exact=exact)
     assert torch.allclose(full, want, rtol=0, atol=1e-12)
@@ -147,25 +165,39 @@ def _model(layers=2, heads=4, kv_heads=2, head_dim=16):
                        num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim, max_position_embeddings=256)
 
 
+def _fp8(m, channels=None, k_scale=0.05, v_scale=0.02):
+    """A calibration for model m: every head's K and V scales, and the exact channels (if any)."""
+    full = lambda x: torch.full((m.num_layers, m.num_kv_heads, 1), x)  # noqa: E731
+    return kv.Fp8Calibration(full(k_scale), full(v_scale), channels)
+
+
 @pytest.mark.parametrize("cache", ["full", "kcache"])
 def test_fp8_pools_are_what_the_spec_counts(cache):
     m = _model()
     dense = None if cache == "full" else 1
     spec = kv.cache_spec(m, torch.float32, dense, "fp8")
     plain = kv.cache_spec(m, torch.float32, dense, "auto")
-    row, fp8_row = m.num_kv_heads * m.head_dim * 4, m.num_kv_heads * (m.head_dim + 4)  # one token, one layer
-    if cache == "full":  # K and V in FP8 with their scales
+    row, fp8_row = m.num_kv_heads * m.head_dim * 4, m.num_kv_heads * m.head_dim  # one token, one layer
+    if cache == "full":  # K and V in FP8
         assert (spec.device_bytes_per_token, spec.host_bytes_per_token) == (2 * m.num_layers * fp8_row, 0)
-        c = kv.FullKV(m, 5, 8, torch.float32, "cpu", kv_cache_dtype="fp8")
-        held = [c.k, c.v, c.k_scales, c.v_scales]
+        c = kv.FullKV(m, 5, 8, torch.float32, "cpu", kv_cache_dtype="fp8", fp8=_fp8(m))
+        held = [c.k, c.v]
+        assert torch.equal(c.pools(1).v_scales, torch.full((m.num_kv_heads, 1), 0.02))
     else:  # FP8 K; V of the dense layer on the device and the rest on the host in the model's dtype
         assert spec.device_bytes_per_token == m.num_layers * fp8_row + row
         assert spec.host_bytes_per_token == plain.host_bytes_per_token == row
-        c = kv.KCache(m, 5, 8, torch.float32, "cpu", KCacheConfig(dense_layers=1, chunk_tokens=8), kv_cache_dtype="fp8")
-        held = [c.k, c.k_scales, c.v_dense]
+        c = kv.KCache(m, 5, 8, torch.float32, "cpu", KCacheConfig(dense_layers=1, chunk_tokens=8), kv_cache_dtype="fp8",
+                      fp8=_fp8(m))
+        held = [c.k, c.v_dense]
         assert c.host_bytes() == c.v_host.numel() * c.v_host.element_size()
-    assert c.k.dtype == torch.float8_e4m3fn and c.k_scales.shape == (*c.k.shape[:-1], 1)
-    assert c.device_bytes() == sum(t.numel() * t.element_size() for t in held)
+        assert c.pools(1).v_scales is None
+    assert c.k.dtype == torch.float8_e4m3fn and torch.equal(c.pools(1).k_scales, torch.full((m.num_kv_heads, 1), 0.05))
+    assert c.device_bytes() == sum(t.numel() * t.element_size() for t in held)  # the heads' scales are not counted
+    with pytest.raises(ValueError, match="FP8 pools need their scales"):
+        kv.FullKV(m, 5, 8, torch.float32, "cpu", kv_cache_dtype="fp8")
+    with pytest.raises(ValueError, match="FP8 scales"):
+        kv.FullKV(m, 5, 8, torch.float32, "cpu", kv_cache_dtype="fp8",
+                  fp8=kv.Fp8Calibration(torch.ones(1, m.num_kv_heads, 1), torch.ones(1, m.num_kv_heads, 1)))
 
 
 @pytest.mark.parametrize("cache", ["full", "kcache"])
@@ -177,29 +209,32 @@ def test_exact_channels_take_n_values_per_row_in_the_models_dtype(cache):
     assert spec.device_bytes_per_token - plain.device_bytes_per_token == m.num_layers * m.num_kv_heads * 4 * 2  # K only
     channels = torch.tensor([[0, 3, 5, 9], [1, 2, 8, 15]], dtype=torch.int32).expand(m.num_layers, -1, -1)
     kcfg = KCacheConfig(dense_layers=1, chunk_tokens=8)
-    c = (kv.FullKV(m, 5, 8, torch.bfloat16, "cpu", "fp8", channels) if cache == "full" else
-         kv.KCache(m, 5, 8, torch.bfloat16, "cpu", kcfg, "fp8", exact_channels=channels))
+    c = (kv.FullKV(m, 5, 8, torch.bfloat16, "cpu", "fp8", _fp8(m, channels)) if cache == "full" else
+         kv.KCache(m, 5, 8, torch.bfloat16, "cpu", kcfg, "fp8", fp8=_fp8(m, channels)))
     assert c.num_exact_channels == 4 and c.k_exact_values.shape == (*c.k.shape[:-1], 4)
     assert c.k_exact_values.dtype == torch.bfloat16 and torch.equal(c.pools(1).k_exact.channels, channels[1])
-    held = [c.k, c.k_scales, c.k_exact_values] + ([c.v, c.v_scales] if cache == "full" else [c.v_dense])
+    held = [c.k, c.k_exact_values] + ([c.v] if cache == "full" else [c.v_dense])
     assert c.device_bytes() == sum(t.numel() * t.element_size() for t in held)
-    assert kv.FullKV(m, 5, 8, torch.bfloat16, "cpu", "auto", channels).num_exact_channels == 0  # only FP8 K keeps some
+    assert kv.FullKV(m, 5, 8, torch.bfloat16, "cpu", "auto", _fp8(m, channels)).num_exact_channels == 0  # FP8 K only
     with pytest.raises(ValueError, match="exact channels"):
-        kv.FullKV(m, 5, 8, torch.bfloat16, "cpu", "fp8", channels[:1])
+        kv.FullKV(m, 5, 8, torch.bfloat16, "cpu", "fp8", _fp8(m, channels[:1]))
 
 
-def test_fp8_host_v_halves_the_host_pool_and_keeps_its_scales_on_the_device():
+def test_fp8_host_v_halves_the_host_pool():
     m = _model(layers=3)
     spec, plain = kv.cache_spec(m, torch.bfloat16, 1, "auto", "fp8"), kv.cache_spec(m, torch.bfloat16, 1)
     host_layers = m.num_layers - 1
     assert 2 * spec.host_bytes_per_token == plain.host_bytes_per_token == host_layers * m.num_kv_heads * m.head_dim * 2
-    assert spec.device_bytes_per_token == plain.device_bytes_per_token + host_layers * m.num_kv_heads * kv.SCALE_BYTES
-    c = kv.KCache(m, 5, 8, torch.bfloat16, "cpu", KCacheConfig(dense_layers=1, chunk_tokens=8), host_v_dtype="fp8")
+    assert spec.device_bytes_per_token == plain.device_bytes_per_token
+    fp8 = _fp8(m)
+    fp8.v_scales[2] = 0.5  # the last layer's heads
+    c = kv.KCache(m, 5, 8, torch.bfloat16, "cpu", KCacheConfig(dense_layers=1, chunk_tokens=8), host_v_dtype="fp8",
+                  fp8=fp8)
     assert c.v_host.dtype == torch.float8_e4m3fn and c.v_dense.dtype == c.k.dtype == torch.bfloat16
-    assert c.v_host_scales.shape == (host_layers, *c.k.shape[1:-1], 1) and c.v_host_scales.device == c.k.device
     assert c.host_bytes() == c.v_host.numel() and c.host_bytes() * 2 == plain.host_bytes_per_token * c.num_tokens
-    assert c.device_bytes() == sum(t.numel() * t.element_size() for t in (c.k, c.v_dense, c.v_host_scales))
-    assert c.pools(0).v_scales is None and c.pools(1).v_scales is not None  # the dense layer's V is as the model's
+    assert c.device_bytes() == sum(t.numel() * t.element_size() for t in (c.k, c.v_dense))
+    assert c.pools(0).v_scales is None and c.pools(1).k_scales is None  # the dense layer's V and K are as the model's
+    assert torch.equal(c.pools(2).v_scales, torch.full((m.num_kv_heads, 1), 0.5))  # each host layer its own
     with pytest.raises(ValueError, match="host_v_dtype"):
         EngineConfig(cache="full", host_v_dtype="fp8")
 
@@ -219,23 +254,26 @@ def test_fp8_cache_stores_quantised_rows_and_decodes_them(case):
     m = _model(layers=1)
     bs, T = 8, 20
     channels = torch.tensor([[[2, 7]] * m.num_kv_heads], dtype=torch.int32) if with_exact else None
-    c = (kv.FullKV(m, 6, bs, torch.float32, "cpu", kv_cache_dtype="fp8", exact_channels=channels) if cache == "full"
-         else kv.KCache(m, 6, bs, torch.float32, "cpu", KCacheConfig(top_n=64, chunk_tokens=1),
-                        kv_cache_dtype="fp8" if fp8_k else "auto", host_v_dtype="fp8" if fp8_v else "auto",
-                        exact_channels=channels))
     g = torch.Generator().manual_seed(4)
     q, k, v = (torch.randn(T + 1, h, m.head_dim, generator=g) for h in (m.num_heads, m.num_kv_heads, m.num_kv_heads))
+    k = k * torch.tensor([1.0, 8.0])[:, None]  # heads of different ranges: each its own scale
+    ks, vs = ref.fp8_scales(k.abs().amax((0, 2))), ref.fp8_scales(v.abs().amax((0, 2)))
+    fp8 = kv.Fp8Calibration(ks[None], vs[None], channels)
+    c = (kv.FullKV(m, 6, bs, torch.float32, "cpu", kv_cache_dtype="fp8", fp8=fp8) if cache == "full"
+         else kv.KCache(m, 6, bs, torch.float32, "cpu", KCacheConfig(top_n=64, chunk_tokens=1),
+                        kv_cache_dtype="fp8" if fp8_k else "auto", host_v_dtype="fp8" if fp8_v else "auto", fp8=fp8))
     table = torch.tensor([[3, 0, 5]], dtype=torch.int32)
     slots = (table[0].long()[torch.arange(T + 1) // bs] * bs + torch.arange(T + 1) % bs)
     for start, n in ((0, 12), (12, T - 12)):
         batch = kv.StepBatch(True, slots[start:start + n], table, torch.tensor([start + n], dtype=torch.int32),
                              chunk_starts=(0,), chunk_lens=(n,), context_lens=(start,))
         out = c.attend(0, q[start:start + n], k[start:start + n], v[start:start + n], batch)
-    stored = lambda x, fp8: ref.dequantize(*ref.quantize(x), torch.float32) if fp8 else x  # noqa: E731
-    k_stored, v_stored = stored(k, fp8_k), stored(v, fp8_v)
+    stored = lambda x, s, on: ref.dequantize(ref.quantize(x, s), s, torch.float32) if on else x  # noqa: E731
+    k_stored, v_stored = stored(k, ks, fp8_k), stored(v, vs, fp8_v)
+    assert torch.equal(k_stored, k) != fp8_k and torch.equal(v_stored, v) != fp8_v
     if with_exact:  # the exact channels as they are, the rest rounded without them
         zeroed, values = ref.split_exact(k, channels[0])
-        k_stored = ref.join_exact(stored(zeroed, True), values, channels[0])
+        k_stored = ref.join_exact(stored(zeroed, ks, True), values, channels[0])
         assert torch.equal(k_stored[:, :, [2, 7]], k[:, :, [2, 7]]) and not torch.equal(k_stored, k)
     pools = c.pools(0)
     assert torch.equal(ref.read_rows(pools.k, slots[:T], pools.k_scales, torch.float32, pools.k_exact), k_stored[:T])
@@ -305,17 +343,17 @@ def _kernel_case(lengths, seed, dtype=torch.float32, exact=0):
     k, k8, ks, kx, k_deq = _exact_case(nb, Hkv, bs, D, exact, seed) if exact else (None, None, None, None, None)
     if not exact:
         k, _ = _pools(nb, Hkv, bs, D, seed)
-        k8, ks = ref.quantize(k)
-        k_deq = ref.dequantize(k8, ks, torch.float64)
+        k8, ks = _quantize_pool(k)
+        k_deq = _dequantize_pool(k8, ks, torch.float64)
     else:  # the values in the queries' dtype, as the cache keeps them in the model's; K as stored with them rounded so
         kx = ref.ExactChannels(kx.values.to(dtype), kx.channels)
         k_deq = ref.join_exact(k_deq.transpose(1, 2), kx.values.transpose(1, 2).double(), kx.channels).transpose(1, 2)
     tables, lens = _tables(lengths, bs, nb, seed + 1)
     q = 2 * torch.randn(len(lengths), Hkv * G, D, generator=torch.Generator().manual_seed(seed + 2))
-    v8, vs = ref.quantize(v)
+    v8, vs = _quantize_pool(v)
     on = lambda t: t.to(dev)  # noqa: E731
     return dict(q=on(q.to(dtype)), k8=on(k8), ks=on(ks), v8=on(v8), vs=on(vs), v=on(v.to(dtype)), tables=on(tables),
-                lens=on(lens), k_deq=k_deq.contiguous(), v_deq=ref.dequantize(v8, vs, torch.float64),
+                lens=on(lens), k_deq=k_deq.contiguous(), v_deq=_dequantize_pool(v8, vs, torch.float64),
                 kx=None if kx is None else ref.ExactChannels(on(kx.values), on(kx.channels)),
                 kx_cpu=None if kx is None else ref.ExactChannels(kx.values.contiguous(), kx.channels))
 
@@ -407,26 +445,25 @@ def test_triton_chunk_scores_are_the_float64_scores_of_the_dequantised_k(dtype, 
 
 
 @needs_triton
-def test_triton_row_copies_move_fp8_rows_and_scales_unchanged():
+def test_triton_row_copies_move_fp8_rows_unchanged():
     from kcache.attention import triton_decode as td
 
     dev = _triton_device()
-    rows, scales = ref.quantize(torch.randn(5, 2, 32))
+    x = torch.randn(5, 2, 32)
+    rows = ref.quantize(x, ref.fp8_scales(x.abs().amax((0, 2))))
     pool = torch.zeros(4, 2, 8, 32, dtype=torch.float8_e4m3fn, device=dev)
-    spool = torch.zeros(4, 2, 8, 1, device=dev)
     slots = torch.tensor([3, 9, 17, 30, 31], device=dev)
     td.store_rows(pool, rows.to(dev), slots)
-    td.store_rows(spool, scales.to(dev), slots)
     assert torch.equal(td.load_rows(pool, slots).cpu().view(torch.uint8), rows.view(torch.uint8))
-    assert torch.equal(td.load_rows(spool, slots).cpu(), scales)
     assert torch.equal(ref.load_rows(pool.cpu(), slots.cpu()).view(torch.uint8), rows.view(torch.uint8))
 
 
 # ---- exact channels: the calibration and what they buy on real weights -------------------------------------------
 
-def test_calibration_finds_a_heads_loud_channel_pair(tmp_path):
+def test_calibration_finds_a_heads_loud_channel_pair_and_scales_the_rest(tmp_path):
     """A K channel made 30x louder in one head's weights is found (with its rotary partner, which the fastest rotation
-    mixes it into evenly) by the calibration prefill; ascending, [layers, Hkv, n] int32."""
+    mixes it into evenly) by the calibration prefill; ascending, [layers, Hkv, n] int32. The scales are each head's
+    largest |k| outside its exact channels and largest |v| over the same prefill, HEADROOM over them."""
     from conftest import save_tiny
 
     from kcache.engine import calibration
@@ -439,12 +476,31 @@ def test_calibration_finds_a_heads_loud_channel_pair(tmp_path):
     with torch.no_grad():
         loaded.model.model.layers[1].self_attn.k_proj.weight[D + c] *= 30  # layer 1, KV head 1, channel 0
     ids = calibration.calibration_ids(None, cfg.vocab_size, 256)
-    channels = calibration.exact_channels(loaded.model, ids, 2)
+    fp8 = calibration.calibrate(loaded.model, ids, 2)
+    channels = fp8.channels
     assert channels.shape == (cfg.num_layers, cfg.num_kv_heads, 2) and channels.dtype == torch.int32
     assert channels[1, 1].tolist() == [c, c + D // 2]
     assert (channels[..., 1] > channels[..., 0]).all()
+    seen = {}  # layer -> the K and V its prefill stored
+
+    def record(layer, q, k, v, batch):
+        seen[layer] = k.float(), v.float()
+        return ref.prefill_attention(q, k, v, 0)
+
+    cache = type("Recorder", (), {"attend": staticmethod(record)})()
+    T = len(ids)
+    empty = torch.zeros(0, dtype=torch.int32)
+    batch = kv.StepBatch(True, empty.long(), empty[None], empty, chunk_starts=(0,), chunk_lens=(T,), context_lens=(0,))
+    with torch.no_grad():
+        loaded.model(torch.tensor(ids), torch.arange(T), cache, batch)
+    for layer, (k, v) in seen.items():
+        rest = k.scatter(-1, channels[layer].long().expand(T, -1, -1), 0.0)  # the channels left in e4m3
+        assert torch.allclose(fp8.k_scales[layer], ref.fp8_scales(rest.abs().amax((0, 2))))
+        assert torch.allclose(fp8.v_scales[layer], ref.fp8_scales(v.abs().amax((0, 2))))
+    assert fp8.k_scales[1, 1] < ref.fp8_scales(seen[1][0][:, 1].abs().amax())  # the loud channel sets no scale
+    assert calibration.calibrate(loaded.model, ids, 0).channels is None
     with pytest.raises(ValueError, match="fp8_exact_channels"):
-        calibration.exact_channels(loaded.model, ids, D + 1)
+        calibration.calibrate(loaded.model, ids, D + 1)
 
 
 def test_exact_channels_bring_fp8_k_close_to_the_exact_cache_on_smollm2(smollm2, smollm2_tokenizer):

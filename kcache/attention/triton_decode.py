@@ -10,9 +10,11 @@ One program handles all G query heads of a KV head, so each K row is read once p
 G rows are padded to 16 for `tl.dot`. The sequence is split so that small batches still fill the GPU; the
 split count depends only on static shapes, so every launch here can be captured in a CUDA graph.
 
-FP8 pools (float8 e4m3 rows, a float32 scale per row in a scales pool of the same layout, see
-kcache.attention.reference) are dequantised in the arithmetic: each K row's scale multiplies its logit, a V row's
-its weight; that is the reference's dequantise-then-multiply, reassociated. With 16-bit queries the e4m3 K tile goes
+FP8 pools (float8 e4m3 rows under one float32 scale per KV head, `[Hkv, 1]` per layer, see
+kcache.attention.reference) are dequantised in the arithmetic: a program loads its head's scale once and multiplies
+the logits by K's, the output by V's; that is the reference's dequantise-then-multiply, reassociated. (A scale per
+row cost the scan a small dependent load per tile: a stripped scan over FP8 K ran at 2.4 TB/s with it on the H200,
+3.9 without; benchmarks/results/fp8_scan_probe_h200.json.) With 16-bit queries the e4m3 K tile goes
 into tensor-core dots as it is, against the queries split into exact e4m3 parts (_e4m3_parts); float32 queries take
 the tile converted to float32. The flags KQ / VQ (constexpr) say which pools are FP8, QP how many parts. An FP8 K
 pool may keep NX channels per KV head exact (reference.ExactChannels): their values join each logit as one more
@@ -152,15 +154,6 @@ def _query_parts(qv, QP: tl.constexpr):
 
 
 @triton.jit
-def _row_scales(scales, table_row, pos, end, h, HKV: tl.constexpr, BS: tl.constexpr):
-    """The FP8 row scales [N] of positions pos (0 from `end` on). The loops load the next tile's while the current
-    one is summed: a small load that nothing waits on until then, where loading it with its tile stalls each tile
-    for its latency (a stripped K scan ran at 2.4 TB/s that way on the H200, 3.9 without it; fp8_scan_probe.py)."""
-    valid = pos < end
-    return tl.load(scales + _kv_rows(table_row, pos, valid, BS, HKV, h), mask=valid, other=0.0)
-
-
-@triton.jit
 def _exact_q(q, channels, b, h, HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BG: tl.constexpr,
              NX: tl.constexpr):
     """The G queries' values at KV head h's NX exact channels, padded with zeros: [BG, 16] (a dot's least width)."""
@@ -176,7 +169,7 @@ def _tile_logits(q0, q1, q2, qs, qx, k_cache, ks, kx, table_row, pos, end, scale
                  D: tl.constexpr, BS: tl.constexpr, PREC: tl.constexpr, KQ: tl.constexpr, QP: tl.constexpr,
                  NX: tl.constexpr):
     """Scaled logits [BG, N] of the queries (_query_parts) at positions pos [N] (-inf from `end` on), their pool rows
-    and validity. KQ: K is FP8 with row scales ks [N] (_row_scales). QP > 0 (FP8 K, 16-bit queries): the e4m3 tile
+    and validity. KQ: K is FP8 under the head's scale ks. QP > 0 (FP8 K, 16-bit queries): the e4m3 tile
     goes into QP tensor-core dots with the queries' e4m3 parts as it is (converting it to bf16 first held a stripped
     scan to 2.3 TB/s on the H200, against 3.9). QP = 0: an FP8 tile goes into the dot as the queries' dtype.
     NX > 0: the exact channels' values kx [rows, NX] against the queries' there, qx (_exact_q), join the logit."""
@@ -195,7 +188,7 @@ def _tile_logits(q0, q1, q2, qs, qx, k_cache, ks, kx, table_row, pos, end, scale
     else:
         x = tl.dot(q0, tl.trans(kt), input_precision=PREC)
     if KQ:
-        x = x * (ks * scale)[None, :]
+        x = x * (ks * scale)
     else:
         x = x * scale
     if NX:
@@ -234,8 +227,8 @@ def _full_split_kernel(
     BLOCK_N: tl.constexpr, PREC: tl.constexpr, KQ: tl.constexpr, VQ: tl.constexpr, QP: tl.constexpr, NX: tl.constexpr,
 ):
     """Online-softmax attention of one KV head's G queries over one split: unnormalised acc [G, D], max, sum.
-    With FP8 V and 16-bit queries (QP > 0) the weights, each V row's scale on them, go into the dot as fp16 over a
-    power-of-two row scale, the V tile converted to fp16 (exact for e4m3)."""
+    With FP8 V and 16-bit queries (QP > 0) the weights go into the dot as fp16, the V tile converted to fp16 (exact
+    for e4m3); V's scale multiplies acc at the end."""
     b, h, s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     S = tl.num_programs(2)
     qv = _load_q(q, b, h, HKV, G, D, BG)  # [BG, D]
@@ -248,20 +241,9 @@ def _full_split_kernel(
     m = tl.full([BG], float("-inf"), tl.float32)
     l = tl.zeros([BG], tl.float32)
     acc = tl.zeros([BG, D], tl.float32)
-    first = start + tl.arange(0, BLOCK_N)
-    ks = tl.zeros([BLOCK_N], tl.float32)
-    vs = tl.zeros([BLOCK_N], tl.float32)
-    if KQ:
-        ks = _row_scales(k_scales, table_row, first, end, h, HKV, BS)
-    if VQ:
-        vs = _row_scales(v_scales, table_row, first, end, h, HKV, BS)
+    ks = tl.load(k_scales + h) if KQ else 1.0
     for t in range(start, end, BLOCK_N):  # every tile holds a valid token, so m stays finite after it
         pos = t + tl.arange(0, BLOCK_N)
-        ks_next, vs_next = ks, vs
-        if KQ:
-            ks_next = _row_scales(k_scales, table_row, pos + BLOCK_N, end, h, HKV, BS)
-        if VQ:
-            vs_next = _row_scales(v_scales, table_row, pos + BLOCK_N, end, h, HKV, BS)
         x, rows, valid = _tile_logits(q0, q1, q2, qs, qx, k_cache, ks, k_exact, table_row, pos, end, scale, h, HKV, D,
                                       BS, PREC, KQ, QP, NX)
         vt = tl.load(v_cache + rows[:, None] * D + d[None, :], mask=valid[:, None], other=0.0)
@@ -269,18 +251,16 @@ def _full_split_kernel(
         alpha = tl.exp(m - m_new)
         p = tl.exp(x - m_new[:, None])
         l = l * alpha + tl.sum(p, 1)
-        if VQ:  # each FP8 row's scale goes onto its weight
-            pv = p * vs[None, :]
-            if QP:
-                ws = _pow2_scale(tl.max(pv, 1))
-                pv = tl.dot((pv / ws[:, None]).to(tl.float16), vt.to(tl.float16)) * ws[:, None]
-            else:
-                pv = tl.dot(pv.to(qv.dtype), vt.to(qv.dtype), input_precision=PREC)
-            acc = acc * alpha[:, None] + pv
+        if VQ and QP:
+            pv = tl.dot(p.to(tl.float16), vt.to(tl.float16))
+        elif VQ:
+            pv = tl.dot(p.to(qv.dtype), vt.to(qv.dtype), input_precision=PREC)
         else:
-            acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision=PREC)
+            pv = tl.dot(p.to(vt.dtype), vt, input_precision=PREC)
+        acc = acc * alpha[:, None] + pv
         m = m_new
-        ks, vs = ks_next, vs_next
+    if VQ:
+        acc = acc * tl.load(v_scales + h)
     g = tl.arange(0, BG)
     head = (b * HKV + h) * G + g  # [BG] query head index into [B, H]
     tl.store(acc_out + (head[:, None] * S + s) * D + d[None, :], acc, mask=g[:, None] < G)
@@ -322,17 +302,11 @@ def _scores_kernel(
     q0, q1, q2, qs = _query_parts(qv, QP)
     qx = _exact_q(q, k_channels, b, h, HKV, G, D, BG, NX) if NX else qv
     table_row = block_tables + b * max_blocks
-    ks = tl.zeros([BLOCK_N], tl.float32)
-    if KQ:
-        ks = _row_scales(k_scales, table_row, start + tl.arange(0, BLOCK_N), end, h, HKV, BS)
+    ks = tl.load(k_scales + h) if KQ else 1.0
     for t in range(start, end, BLOCK_N):
         pos = t + tl.arange(0, BLOCK_N)
-        ks_next = ks
-        if KQ:
-            ks_next = _row_scales(k_scales, table_row, pos + BLOCK_N, end, h, HKV, BS)
         x, _, _ = _tile_logits(q0, q1, q2, qs, qx, k_cache, ks, k_exact, table_row, pos, end, scale, h, HKV, D, BS,
                                PREC, KQ, QP, NX)
-        ks = ks_next
         m_new = tl.maximum(m, tl.max(x, 1))
         p = tl.exp(x - m_new[:, None])  # [BG, BLOCK_N], shared by the split's sum and the chunks' sums
         l = l * tl.exp(m - m_new) + tl.sum(p, 1)
@@ -438,7 +412,7 @@ def _gather_kernel(
     keys [B, Hkv, 1|G, NP] hold the selected chunks in their low 32 bits (-1: none), the first n of them used,
     TILE at a time. Each token's weight is its exact softmax weight: its logit again from K (a device read of the
     few selected rows), normalised by the scan's global max and sum. rows_read [B, Hkv, 1|G] counts the V rows read.
-    VQ: the staged rows are FP8, each row's scale (v_scales, on the device) goes onto its weight.
+    VQ: the staged rows are FP8; the head's V scale multiplies the sum.
     SPLIT (16-bit q): V in q's dtype (exact: 16-bit V, or e4m3), each float32 weight w summed as hi + lo, hi = w
     rounded to that dtype and lo = the rest rounded again, so two tensor-core dots with float32 accumulation give
     the float32 sum to ~2^-16 of w; a float32 dot ("ieee") cannot use the tensor cores.
@@ -459,29 +433,26 @@ def _gather_kernel(
     acc = tl.zeros([BG, D], tl.float32)
     kept = tl.zeros([BG], tl.float32)
     read = 0
+    ks = tl.load(k_scales + h) if KQ else 1.0
     for c0 in range(0, n, TILE):
         j = c0 + r // C  # [TILE * C] which selected chunk each row belongs to
         key = tl.load(keys + (bh * tl.num_programs(2) + sel) * NP + j, mask=j < n, other=-1)
         chunk = key.to(tl.int32)  # truncation keeps the low 32 bits; -1 stays -1
         pos = tl.where(chunk >= 0, chunk * C + r % C, length)  # no chunk: a position past the sequence
-        ks = pos * 0.0
-        if KQ:  # few rows, data-dependent: loaded with their tile
-            ks = _row_scales(k_scales, table_row, pos, length, h, HKV, BS)
-        x, rows, valid = _tile_logits(q0, q1, q2, qs, qx, k_cache, ks, k_exact, table_row, pos, length, scale, h, HKV,
-                                      D, BS, PREC, KQ, QP, NX)
+        x, _, valid = _tile_logits(q0, q1, q2, qs, qx, k_cache, ks, k_exact, table_row, pos, length, scale, h, HKV,
+                                   D, BS, PREC, KQ, QP, NX)
         w = tl.exp(tl.where(mine[:, None], x, float("-inf")) - top[:, None]) / z[:, None]  # [BG, TILE * C]
         v = tl.load(staged + (base + c0 * C + r)[:, None] * D + d[None, :], mask=valid[:, None], other=0.0)
-        wv = w
-        if VQ:  # the V scales pool has the K pool's layout: the same rows
-            wv = w * tl.load(v_scales + rows, mask=valid, other=0.0)[None, :]
         if SPLIT:
             v = v.to(qv.dtype)
-            hi = wv.to(qv.dtype)
-            acc += tl.dot(hi, v) + tl.dot((wv - hi.to(tl.float32)).to(qv.dtype), v)
+            hi = w.to(qv.dtype)
+            acc += tl.dot(hi, v) + tl.dot((w - hi.to(tl.float32)).to(qv.dtype), v)
         else:
-            acc += tl.dot(wv, v.to(tl.float32), input_precision="ieee")  # float32 like the reference
+            acc += tl.dot(w, v.to(tl.float32), input_precision="ieee")  # float32 like the reference
         kept += tl.sum(w, 1)
         read += tl.sum(valid.to(tl.int32), 0)
+    if VQ:
+        acc = acc * tl.load(v_scales + h)
     if RENORM:
         acc = acc / tl.where(kept > 0, kept, 1.0)[:, None]
     head = bh * G + g
@@ -497,7 +468,7 @@ def _shapes(q: torch.Tensor, k_cache: torch.Tensor, block_tables: torch.Tensor):
 
 
 def _scales_arg(scales: torch.Tensor | None, pool: torch.Tensor) -> torch.Tensor:
-    """The scales pool to pass a kernel; without one, the pool itself stands in (its flag keeps it unread)."""
+    """The heads' scales [Hkv, 1] to pass a kernel; without them the pool stands in (its flag keeps it unread)."""
     return pool if scales is None else scales
 
 
@@ -512,7 +483,7 @@ def _exact_args(k_exact, k_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
 
 def full_decode(q, k_cache, v_cache, block_tables, lengths, scale=None, k_scales=None, v_scales=None, k_exact=None):
     """Exact attention of one query per sequence over its paged cache: q [B, H, D] -> [B, H, D]. FP8 pools come
-    with their scales pools (and FP8 K with the channels it keeps exact, if any)."""
+    with their heads' scales (and FP8 K with the channels it keeps exact, if any)."""
     B, H, D, bs, Hkv, G, L = _shapes(q, k_cache, block_tables)
     scale = scale if scale is not None else 1.0 / math.sqrt(D)
     tile = FULL_TILE[k_cache.element_size()]
@@ -533,7 +504,7 @@ def full_decode(q, k_cache, v_cache, block_tables, lengths, scale=None, k_scales
 
 
 def chunk_scores(q, k_cache, block_tables, lengths, chunk_tokens: int, scale: float, k_scales=None, k_exact=None):
-    """The K scan (FP8 K with its scales pool k_scales and exact channels k_exact, or not): chunk log-sum-exps
+    """The K scan (FP8 K with its heads' scales k_scales and exact channels k_exact, or not): chunk log-sum-exps
     [B, Hkv, G, L / c] float32 (written up to each length) and per-split stats m, l [B, Hkv, G, S]."""
     B, H, D, bs, Hkv, G, L = _shapes(q, k_cache, block_tables)
     S, per_split = _split(B, Hkv, L, q.device, SCAN_TILE)
@@ -597,7 +568,7 @@ def stage_chunks(keys, v_cache, block_tables, lengths, cfg: KCacheConfig, staged
 
 def weighted_sum(keys, q, k_cache, m, l, staged, block_tables, lengths, cfg: KCacheConfig, scale: float,
                  k_scales=None, v_scales=None, k_exact=None):
-    """The weighted sums over the staged chunks (FP8 rows with their scales pool v_scales, or not) -> (out [B, H, D],
+    """The weighted sums over the staged chunks (FP8 rows with their heads' scales v_scales, or not) -> (out [B, H, D],
     mass [B, H] float32, V rows read [B] int32)."""
     B, H, D, bs, Hkv, G, L = _shapes(q, k_cache, block_tables)
     nsel, NP = keys.shape[2], keys.shape[3]
@@ -629,8 +600,8 @@ def kcache_decode(q, k_cache, v_cache, block_tables, lengths, cfg: KCacheConfig,
                   v_scales=None, k_exact=None):
     """KCache decode over paged pools: q [B, H, D] -> (out [B, H, D], mass_kept [B, H] float32, V rows read [B]).
 
-    k_cache lives on the GPU (FP8 with its scales pool k_scales and exact channels k_exact, or not); v_cache may be
-    a pinned (or cudaHostRegister-ed) CPU tensor, read in place (FP8 with its scales pool v_scales on the GPU, or
+    k_cache lives on the GPU (FP8 with its heads' scales k_scales and exact channels k_exact, or not); v_cache may be
+    a pinned (or cudaHostRegister-ed) CPU tensor, read in place (FP8 with its heads' scales v_scales on the GPU, or
     not).
     """
     D = q.shape[-1]

@@ -7,18 +7,19 @@ layout (block ids are shared), registered with CUDA once so kernels read it in p
 tokens of one head at a time. The model calls `attend(layer, q, k, v, batch)`; the cache stores the new K and V,
 then runs exact prefill or (approximate, for KCache) decode attention.
 
-With `kv_cache_dtype="fp8"` K is stored as float8 e4m3 rows with a float32 scale per (token, KV head), in a scales
-pool of the same layout (head_dim 1; kcache.attention.reference): a decode step appends a token's rows and scales
-without re-quantising its block. Each KV head's `fp8_exact_channels` channels of largest |q| x |k| (calibrated at
-start, kcache.engine.calibration) stay exact in the model's dtype, in a pool beside it. FullKV stores V in e4m3 the
-same way, without exact channels (the FP8 KV cache users already run); KCache keeps its host V in the model's dtype.
+With `kv_cache_dtype="fp8"` K is stored as float8 e4m3 rows under one float32 scale per (layer, KV head)
+(kcache.attention.reference), so a decode step appends a token's rows as they are. The scales and each KV head's
+`fp8_exact_channels` channels of largest |q| x |k|, which stay exact in the model's dtype in a pool beside K, come
+from a calibration prefill at start (`Fp8Calibration`, kcache.engine.calibration). FullKV stores V in e4m3 the same
+way, without exact channels (the FP8 KV cache users already run); KCache keeps its host V in the model's dtype, or
+in e4m3 with `host_v_dtype="fp8"`.
 Prefill attends with the exact K/V its chunk computed and the dequantised K/V of the earlier chunks (what the cache
 holds); decode and teacher-forced rows read everything back from the cache.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 
@@ -58,7 +59,13 @@ def host_empty(shape, dtype, device: torch.device) -> torch.Tensor:
     return t
 
 
-SCALE_BYTES = 4  # one float32 scale per FP8 row (token, KV head)
+class Fp8Calibration(NamedTuple):
+    """What FP8 pools take from the calibration prefill (kcache.engine.calibration), per layer: the scales of K and
+    V [layers, Hkv, 1] float32 and the K channels kept exact [layers, Hkv, n] int32 (None: none)."""
+
+    k_scales: torch.Tensor
+    v_scales: torch.Tensor
+    channels: torch.Tensor | None = None
 
 
 class KVCacheDtypeError(ValueError):
@@ -84,8 +91,8 @@ def check_fp8(device: torch.device) -> None:
 
 @dataclass(frozen=True)
 class LayerPools:
-    """One layer's pools, [blocks, Hkv, bs, D], the scales pools [blocks, Hkv, bs, 1] of those that are FP8, and the
-    channels FP8 K keeps exact (if any)."""
+    """One layer's pools, [blocks, Hkv, bs, D], the heads' scales [Hkv, 1] of those that are FP8, and the channels FP8
+    K keeps exact (if any)."""
 
     k: torch.Tensor
     v: torch.Tensor
@@ -112,20 +119,19 @@ def cache_spec(model: ModelConfig, dtype: torch.dtype, dense_layers: int | None,
                host_v_dtype: str = "auto", exact_channels: int = 0) -> CacheSpec:
     """The spec of a cache for `model` (under TP one rank's shard). K of every layer is on the device; so is V of
     every layer for FullKV (dense_layers None), and of the first `dense_layers` layers only for KCache. FP8 rows take
-    one byte per element plus their scale, and FP8 K its `exact_channels` values in `dtype`; FullKV's V is stored as
-    its K is (without exact channels), KCache's dense V as `dtype` and its host V as `host_v_dtype` says (FP8: the
-    rows on the host, their scales on the device)."""
+    one byte per element, and FP8 K its `exact_channels` values in `dtype`; FullKV's V is stored as its K is (without
+    exact channels), KCache's dense V as `dtype` and its host V as `host_v_dtype` says. The heads' scales are too
+    few to count."""
     size = torch.empty((), dtype=dtype).element_size()
     plain = model.num_kv_heads * model.head_dim * size  # one token, one layer
-    fp8_row = model.num_kv_heads * (model.head_dim + SCALE_BYTES)
+    fp8_row = model.num_kv_heads * model.head_dim
     k_row = fp8_row + model.num_kv_heads * exact_channels * size if kv_cache_dtype == "fp8" else plain
     if dense_layers is None:
         return CacheSpec(model.num_layers * (k_row + (fp8_row if kv_cache_dtype == "fp8" else plain)), 0)
     dense = min(dense_layers, model.num_layers)
     host_layers = model.num_layers - dense
     if host_v_dtype == "fp8":
-        return CacheSpec(model.num_layers * k_row + dense * plain + host_layers * model.num_kv_heads * SCALE_BYTES,
-                         host_layers * model.num_kv_heads * model.head_dim)
+        return CacheSpec(model.num_layers * k_row + dense * plain, host_layers * fp8_row)
     return CacheSpec(model.num_layers * k_row + dense * plain, host_layers * plain)
 
 
@@ -138,19 +144,21 @@ class PagedKVCache:
     """
 
     def __init__(self, cfg: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device,
-                 kv_cache_dtype: Literal["auto", "fp8"] = "auto", exact_channels: torch.Tensor | None = None):
-        """exact_channels [layers, Hkv, n]: the channels FP8 K keeps exact in each layer (kcache.engine.calibration)."""
+                 kv_cache_dtype: Literal["auto", "fp8"] = "auto", fp8: Fp8Calibration | None = None):
+        """fp8: the scales and exact K channels of the FP8 pools (needed where there are some)."""
         self.cfg, self.num_blocks, self.block_size = cfg, num_blocks, block_size
         self.dtype, self.device = dtype, torch.device(device)
         self.fp8 = kv_cache_dtype == "fp8"
+        self.calibration = fp8
         if self.fp8:
-            check_fp8(self.device)
+            self._check_fp8()
         self.ops = decode_ops(self.device)
         shape = (cfg.num_layers, num_blocks, cfg.num_kv_heads, block_size, cfg.head_dim)
         self.k = torch.empty(shape, dtype=reference.FP8 if self.fp8 else dtype, device=self.device)
-        self.k_scales = self._scales_pool(cfg.num_layers) if self.fp8 else None
+        self.k_scales = self._scales(fp8.k_scales) if self.fp8 else None
         self.k_exact_values = self.k_channels = None  # [layers, blocks, Hkv, bs, n] in dtype; [layers, Hkv, n] int32
-        if self.fp8 and exact_channels is not None:
+        exact_channels = fp8.channels if self.fp8 else None
+        if exact_channels is not None:
             if exact_channels.shape != (cfg.num_layers, cfg.num_kv_heads, exact_channels.shape[-1]):
                 raise ValueError(f"exact channels {tuple(exact_channels.shape)} do not match the model's "
                                  f"[{cfg.num_layers}, {cfg.num_kv_heads}, n]")
@@ -162,9 +170,18 @@ class PagedKVCache:
         """The K channels per KV head kept exact beside FP8 rows (0: none)."""
         return 0 if self.k_channels is None else self.k_channels.shape[-1]
 
-    def _scales_pool(self, layers: int) -> torch.Tensor:
-        """[layers, blocks, Hkv, bs, 1] float32: one scale per FP8 row."""
-        return torch.empty(layers, *self.k.shape[1:-1], 1, dtype=torch.float32, device=self.device)
+    def _check_fp8(self) -> None:
+        """FP8 pools run here and have their scales."""
+        check_fp8(self.device)
+        if self.calibration is None:
+            raise ValueError("FP8 pools need their scales: pass the calibration (kcache.engine.calibration.calibrate)")
+
+    def _scales(self, scales: torch.Tensor) -> torch.Tensor:
+        """The heads' scales [layers, Hkv, 1] float32 on the device, checked against the model."""
+        want = (self.cfg.num_layers, self.cfg.num_kv_heads, 1)
+        if tuple(scales.shape) != want:
+            raise ValueError(f"FP8 scales {tuple(scales.shape)} do not match the model's {list(want)}")
+        return scales.to(self.device, torch.float32).contiguous()
 
     @property
     def num_tokens(self) -> int:
@@ -221,14 +238,13 @@ class PagedKVCache:
 
     def _store(self, pool: torch.Tensor, scales: torch.Tensor | None, rows: torch.Tensor, slots: torch.Tensor,
                exact: reference.ExactChannels | None = None) -> None:
-        """rows [T, Hkv, D] into their slots [T] of the pool, quantised where the pool is FP8 (scales given), its
-        exact channels (if any) stored as they are."""
+        """rows [T, Hkv, D] into their slots [T] of the pool, quantised where the pool is FP8 (its heads' scales given),
+        its exact channels (if any) stored as they are."""
         if exact is not None:
             rows, values = reference.split_exact(rows, exact.channels)
             self.ops.store_rows(exact.values, values, slots)
         if scales is not None:
-            rows, row_scales = reference.quantize(rows)  # [T, Hkv, D] e4m3, [T, Hkv, 1]
-            self.ops.store_rows(scales, row_scales, slots)
+            rows = reference.quantize(rows, scales)  # [T, Hkv, D] e4m3
         self.ops.store_rows(pool, rows, slots)
 
     def _rows(self, pool: torch.Tensor, scales: torch.Tensor | None, slots: torch.Tensor, dtype: torch.dtype,
@@ -238,7 +254,7 @@ class PagedKVCache:
         rows = self.ops.load_rows(pool, slots)
         if scales is None:
             return rows
-        rows = reference.dequantize(rows, self.ops.load_rows(scales, slots), dtype)
+        rows = reference.dequantize(rows, scales, dtype)
         if exact is None:
             return rows
         return reference.join_exact(rows, self.ops.load_rows(exact.values, slots), exact.channels)
@@ -277,10 +293,10 @@ class PagedKVCache:
 class FullKV(PagedKVCache):
     """The ordinary KV cache: K and V on the model's device."""
 
-    def __init__(self, cfg, num_blocks, block_size, dtype, device, kv_cache_dtype="auto", exact_channels=None):
-        super().__init__(cfg, num_blocks, block_size, dtype, device, kv_cache_dtype, exact_channels)
+    def __init__(self, cfg, num_blocks, block_size, dtype, device, kv_cache_dtype="auto", fp8=None):
+        super().__init__(cfg, num_blocks, block_size, dtype, device, kv_cache_dtype, fp8)
         self.v = torch.empty_like(self.k)  # FP8 like K where K is
-        self.v_scales = self._scales_pool(cfg.num_layers) if self.fp8 else None
+        self.v_scales = self._scales(fp8.v_scales) if self.fp8 else None
         self.spec = cache_spec(cfg, dtype, None, kv_cache_dtype, exact_channels=self.num_exact_channels)
 
     def v_layer(self, layer):
@@ -299,8 +315,8 @@ class KCache(PagedKVCache):
     """
 
     def __init__(self, cfg, num_blocks, block_size, dtype, device, kcfg: KCacheConfig, kv_cache_dtype="auto",
-                 host_v_dtype="auto", exact_channels=None):
-        super().__init__(cfg, num_blocks, block_size, dtype, device, kv_cache_dtype, exact_channels)
+                 host_v_dtype="auto", fp8=None):
+        super().__init__(cfg, num_blocks, block_size, dtype, device, kv_cache_dtype, fp8)
         kcfg.check_block_size(block_size)
         self.kcfg = kcfg  # replaced only through use()
         self.dense = min(kcfg.dense_layers, cfg.num_layers)  # layers whose V pool is on the device
@@ -309,10 +325,10 @@ class KCache(PagedKVCache):
         self.v_dense = torch.empty((self.dense, *shape), dtype=dtype, device=self.device)
         host_fp8 = host_v_dtype == "fp8"
         if host_fp8:
-            check_fp8(self.device)
+            self._check_fp8()
         host_layers = cfg.num_layers - self.dense
         self.v_host = host_empty((host_layers, *shape), reference.FP8 if host_fp8 else dtype, self.device)
-        self.v_host_scales = self._scales_pool(host_layers) if host_fp8 else None  # on the device
+        self.v_host_scales = self._scales(fp8.v_scales)[self.dense:] if host_fp8 else None
         self._mass_buffer: torch.Tensor | None = None  # [layers, B, H] float32
         self._rows_buffer: torch.Tensor | None = None  # [layers, B] int32: V rows read from the host pool
         self.mass = self.rows = None  # views of the buffers for the step's batch
@@ -412,11 +428,10 @@ class KCache(PagedKVCache):
 
 
 def make_cache(cfg: EngineConfig, model: ModelConfig, num_blocks: int, dtype: torch.dtype, device: torch.device,
-               exact_channels: torch.Tensor | None = None) -> PagedKVCache:
-    """The cache `cfg.cache` names, for `model` (one rank's shard under TP: its KV heads only); exact_channels
-    [layers, Hkv, n]: the channels FP8 K keeps exact."""
+               fp8: Fp8Calibration | None = None) -> PagedKVCache:
+    """The cache `cfg.cache` names, for `model` (one rank's shard under TP: its KV heads only); fp8: the FP8 pools'
+    calibration, where there are some."""
     args = (model, num_blocks, cfg.block_size, dtype, device)
     if cfg.cache == "full":
-        return FullKV(*args, kv_cache_dtype=cfg.kv_cache_dtype, exact_channels=exact_channels)
-    return KCache(*args, cfg.kcache, kv_cache_dtype=cfg.kv_cache_dtype, host_v_dtype=cfg.host_v_dtype,
-                  exact_channels=exact_channels)
+        return FullKV(*args, kv_cache_dtype=cfg.kv_cache_dtype, fp8=fp8)
+    return KCache(*args, cfg.kcache, kv_cache_dtype=cfg.kv_cache_dtype, host_v_dtype=cfg.host_v_dtype, fp8=fp8)

@@ -29,17 +29,17 @@ GRAPH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256, 320, 38
 
 def build_runner(cfg: EngineConfig, model: LlamaForCausalLM, max_model_len: int, followers=(),
                  tokenizer=None) -> tuple["ModelRunner", PoolPlan]:
-    """Size the pools, calibrate FP8 K's exact channels (kcache.engine.calibration; on the tokenizer's text if
-    given), make the cache and the runner for this rank's model. Under TP every rank runs this in lockstep: the
+    """Size the pools, calibrate the FP8 pools' scales and exact K channels (kcache.engine.calibration; on the
+    tokenizer's text if given), make the cache and the runner for this rank's model. Under TP every rank runs this in lockstep: the
     activation probe, the calibration prefill, the pool-size agreement and graph capture hold collectives."""
     p = next(model.parameters())
     plan = plan_pools(cfg, model.config, p.dtype, p.device, activation_peak(model, cfg, p.dtype, p.device), max_model_len)
-    channels = None
-    if cfg.k_exact_channels:
+    fp8 = None
+    if cfg.fp8_pools:
         tokens = min(calibration.CALIBRATION_TOKENS, max_model_len, cfg.max_num_batched_tokens)
         ids = calibration.calibration_ids(tokenizer, model.config.vocab_size, tokens)
-        channels = calibration.exact_channels(model, ids, cfg.k_exact_channels)
-    cache = make_cache(cfg, model.config, plan.num_blocks, p.dtype, p.device, channels)
+        fp8 = calibration.calibrate(model, ids, cfg.k_exact_channels)
+    cache = make_cache(cfg, model.config, plan.num_blocks, p.dtype, p.device, fp8)
     return ModelRunner(model, cache, plan.scratch_block, cfg.max_num_seqs, max_model_len, followers), plan
 
 
