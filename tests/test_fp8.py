@@ -180,14 +180,14 @@ def test_fp8_pools_are_what_the_spec_counts(cache):
     row, fp8_row = m.num_kv_heads * m.head_dim * 4, m.num_kv_heads * m.head_dim  # one token, one layer
     if cache == "full":  # K and V in FP8
         assert (spec.device_bytes_per_token, spec.host_bytes_per_token) == (2 * m.num_layers * fp8_row, 0)
-        c = kv.FullKV(m, 5, 8, torch.float32, "cpu", kv_cache_dtype="fp8", fp8=_fp8(m))
+        c = kv.FullKV(m, 5, 8, torch.float32, "cpu", kv_cache_dtype="fp8", calibration=_fp8(m))
         held = [c.k, c.v]
         assert torch.equal(c.pools(1).v_scales, torch.full((m.num_kv_heads, 1), 0.02))
     else:  # FP8 K; V of the dense layer on the device and the rest on the host in the model's dtype
         assert spec.device_bytes_per_token == m.num_layers * fp8_row + row
         assert spec.host_bytes_per_token == plain.host_bytes_per_token == row
         c = kv.KCache(m, 5, 8, torch.float32, "cpu", KCacheConfig(dense_layers=1, chunk_tokens=8), kv_cache_dtype="fp8",
-                      fp8=_fp8(m))
+                      calibration=_fp8(m))
         held = [c.k, c.v_dense]
         assert c.host_bytes() == c.v_host.numel() * c.v_host.element_size()
         assert c.pools(1).v_scales is None
@@ -197,7 +197,7 @@ def test_fp8_pools_are_what_the_spec_counts(cache):
         kv.FullKV(m, 5, 8, torch.float32, "cpu", kv_cache_dtype="fp8")
     with pytest.raises(ValueError, match="FP8 scales"):
         kv.FullKV(m, 5, 8, torch.float32, "cpu", kv_cache_dtype="fp8",
-                  fp8=kv.Fp8Calibration(torch.ones(1, m.num_kv_heads, 1), torch.ones(1, m.num_kv_heads, 1)))
+                  calibration=kv.Fp8Calibration(torch.ones(1, m.num_kv_heads, 1), torch.ones(1, m.num_kv_heads, 1)))
 
 
 @pytest.mark.parametrize("cache", ["full", "kcache"])
@@ -210,7 +210,7 @@ def test_exact_channels_take_n_values_per_row_in_the_models_dtype(cache):
     channels = torch.tensor([[0, 3, 5, 9], [1, 2, 8, 15]], dtype=torch.int32).expand(m.num_layers, -1, -1)
     kcfg = KCacheConfig(dense_layers=1, chunk_tokens=8)
     c = (kv.FullKV(m, 5, 8, torch.bfloat16, "cpu", "fp8", _fp8(m, channels)) if cache == "full" else
-         kv.KCache(m, 5, 8, torch.bfloat16, "cpu", kcfg, "fp8", fp8=_fp8(m, channels)))
+         kv.KCache(m, 5, 8, torch.bfloat16, "cpu", kcfg, "fp8", calibration=_fp8(m, channels)))
     assert c.num_exact_channels == 4 and c.k_exact_values.shape == (*c.k.shape[:-1], 4)
     assert c.k_exact_values.dtype == torch.bfloat16 and torch.equal(c.pools(1).k_exact.channels, channels[1])
     held = [c.k, c.k_exact_values] + ([c.v] if cache == "full" else [c.v_dense])
@@ -229,7 +229,7 @@ def test_fp8_host_v_halves_the_host_pool():
     fp8 = _fp8(m)
     fp8.v_scales[2] = 0.5  # the last layer's heads
     c = kv.KCache(m, 5, 8, torch.bfloat16, "cpu", KCacheConfig(dense_layers=1, chunk_tokens=8), host_v_dtype="fp8",
-                  fp8=fp8)
+                  calibration=fp8)
     assert c.v_host.dtype == torch.float8_e4m3fn and c.v_dense.dtype == c.k.dtype == torch.bfloat16
     assert c.host_bytes() == c.v_host.numel() and c.host_bytes() * 2 == plain.host_bytes_per_token * c.num_tokens
     assert c.device_bytes() == sum(t.numel() * t.element_size() for t in (c.k, c.v_dense))
@@ -259,9 +259,9 @@ def test_fp8_cache_stores_quantised_rows_and_decodes_them(case):
     k = k * torch.tensor([1.0, 8.0])[:, None]  # heads of different ranges: each its own scale
     ks, vs = ref.fp8_scales(k.abs().amax((0, 2))), ref.fp8_scales(v.abs().amax((0, 2)))
     fp8 = kv.Fp8Calibration(ks[None], vs[None], channels)
-    c = (kv.FullKV(m, 6, bs, torch.float32, "cpu", kv_cache_dtype="fp8", fp8=fp8) if cache == "full"
+    c = (kv.FullKV(m, 6, bs, torch.float32, "cpu", kv_cache_dtype="fp8", calibration=fp8) if cache == "full"
          else kv.KCache(m, 6, bs, torch.float32, "cpu", KCacheConfig(top_n=64, chunk_tokens=1),
-                        kv_cache_dtype="fp8" if fp8_k else "auto", host_v_dtype="fp8" if fp8_v else "auto", fp8=fp8))
+                        kv_cache_dtype="fp8" if fp8_k else "auto", host_v_dtype="fp8" if fp8_v else "auto", calibration=fp8))
     table = torch.tensor([[3, 0, 5]], dtype=torch.int32)
     slots = (table[0].long()[torch.arange(T + 1) // bs] * bs + torch.arange(T + 1) % bs)
     for start, n in ((0, 12), (12, T - 12)):

@@ -89,6 +89,13 @@ def check_fp8(device: torch.device) -> None:
         raise KVCacheDtypeError(f"this PyTorch cannot store float8 e4m3 on {device} ({e}): use kv_cache_dtype='auto'") from None
 
 
+def _check_fp8(device: torch.device, calibration: Fp8Calibration | None) -> None:
+    """FP8 pools run on `device` and have their scales."""
+    check_fp8(device)
+    if calibration is None:
+        raise ValueError("FP8 pools need their scales: pass the calibration (kcache.engine.calibration.calibrate)")
+
+
 @dataclass(frozen=True)
 class LayerPools:
     """One layer's pools, [blocks, Hkv, bs, D], the heads' scales [Hkv, 1] of those that are FP8, and the channels FP8
@@ -144,20 +151,19 @@ class PagedKVCache:
     """
 
     def __init__(self, cfg: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device,
-                 kv_cache_dtype: Literal["auto", "fp8"] = "auto", fp8: Fp8Calibration | None = None):
-        """fp8: the scales and exact K channels of the FP8 pools (needed where there are some)."""
+                 kv_cache_dtype: Literal["auto", "fp8"] = "auto", calibration: Fp8Calibration | None = None):
+        """calibration: the scales and exact K channels of the FP8 pools (needed where there are some)."""
         self.cfg, self.num_blocks, self.block_size = cfg, num_blocks, block_size
         self.dtype, self.device = dtype, torch.device(device)
         self.fp8 = kv_cache_dtype == "fp8"
-        self.calibration = fp8
         if self.fp8:
-            self._check_fp8()
+            _check_fp8(self.device, calibration)
         self.ops = decode_ops(self.device)
         shape = (cfg.num_layers, num_blocks, cfg.num_kv_heads, block_size, cfg.head_dim)
         self.k = torch.empty(shape, dtype=reference.FP8 if self.fp8 else dtype, device=self.device)
-        self.k_scales = self._scales(fp8.k_scales) if self.fp8 else None
+        self.k_scales = self._scales(calibration.k_scales) if self.fp8 else None
         self.k_exact_values = self.k_channels = None  # [layers, blocks, Hkv, bs, n] in dtype; [layers, Hkv, n] int32
-        exact_channels = fp8.channels if self.fp8 else None
+        exact_channels = calibration.channels if self.fp8 else None
         if exact_channels is not None:
             if exact_channels.shape != (cfg.num_layers, cfg.num_kv_heads, exact_channels.shape[-1]):
                 raise ValueError(f"exact channels {tuple(exact_channels.shape)} do not match the model's "
@@ -169,12 +175,6 @@ class PagedKVCache:
     def num_exact_channels(self) -> int:
         """The K channels per KV head kept exact beside FP8 rows (0: none)."""
         return 0 if self.k_channels is None else self.k_channels.shape[-1]
-
-    def _check_fp8(self) -> None:
-        """FP8 pools run here and have their scales."""
-        check_fp8(self.device)
-        if self.calibration is None:
-            raise ValueError("FP8 pools need their scales: pass the calibration (kcache.engine.calibration.calibrate)")
 
     def _scales(self, scales: torch.Tensor) -> torch.Tensor:
         """The heads' scales [layers, Hkv, 1] float32 on the device, checked against the model."""
@@ -293,10 +293,10 @@ class PagedKVCache:
 class FullKV(PagedKVCache):
     """The ordinary KV cache: K and V on the model's device."""
 
-    def __init__(self, cfg, num_blocks, block_size, dtype, device, kv_cache_dtype="auto", fp8=None):
-        super().__init__(cfg, num_blocks, block_size, dtype, device, kv_cache_dtype, fp8)
+    def __init__(self, cfg, num_blocks, block_size, dtype, device, kv_cache_dtype="auto", calibration=None):
+        super().__init__(cfg, num_blocks, block_size, dtype, device, kv_cache_dtype, calibration)
         self.v = torch.empty_like(self.k)  # FP8 like K where K is
-        self.v_scales = self._scales(fp8.v_scales) if self.fp8 else None
+        self.v_scales = self._scales(calibration.v_scales) if self.fp8 else None
         self.spec = cache_spec(cfg, dtype, None, kv_cache_dtype, exact_channels=self.num_exact_channels)
 
     def v_layer(self, layer):
@@ -315,8 +315,8 @@ class KCache(PagedKVCache):
     """
 
     def __init__(self, cfg, num_blocks, block_size, dtype, device, kcfg: KCacheConfig, kv_cache_dtype="auto",
-                 host_v_dtype="auto", fp8=None):
-        super().__init__(cfg, num_blocks, block_size, dtype, device, kv_cache_dtype, fp8)
+                 host_v_dtype="auto", calibration=None):
+        super().__init__(cfg, num_blocks, block_size, dtype, device, kv_cache_dtype, calibration)
         kcfg.check_block_size(block_size)
         self.kcfg = kcfg  # replaced only through use()
         self.dense = min(kcfg.dense_layers, cfg.num_layers)  # layers whose V pool is on the device
@@ -325,10 +325,10 @@ class KCache(PagedKVCache):
         self.v_dense = torch.empty((self.dense, *shape), dtype=dtype, device=self.device)
         host_fp8 = host_v_dtype == "fp8"
         if host_fp8:
-            self._check_fp8()
+            _check_fp8(self.device, calibration)
         host_layers = cfg.num_layers - self.dense
         self.v_host = host_empty((host_layers, *shape), reference.FP8 if host_fp8 else dtype, self.device)
-        self.v_host_scales = self._scales(fp8.v_scales)[self.dense:] if host_fp8 else None
+        self.v_host_scales = self._scales(calibration.v_scales)[self.dense:] if host_fp8 else None
         self._mass_buffer: torch.Tensor | None = None  # [layers, B, H] float32
         self._rows_buffer: torch.Tensor | None = None  # [layers, B] int32: V rows read from the host pool
         self.mass = self.rows = None  # views of the buffers for the step's batch
@@ -428,10 +428,11 @@ class KCache(PagedKVCache):
 
 
 def make_cache(cfg: EngineConfig, model: ModelConfig, num_blocks: int, dtype: torch.dtype, device: torch.device,
-               fp8: Fp8Calibration | None = None) -> PagedKVCache:
-    """The cache `cfg.cache` names, for `model` (one rank's shard under TP: its KV heads only); fp8: the FP8 pools'
-    calibration, where there are some."""
+               calibration: Fp8Calibration | None = None) -> PagedKVCache:
+    """The cache `cfg.cache` names, for `model` (one rank's shard under TP: its KV heads only); calibration: the FP8
+    pools' scales and exact K channels, where there are some."""
     args = (model, num_blocks, cfg.block_size, dtype, device)
     if cfg.cache == "full":
-        return FullKV(*args, kv_cache_dtype=cfg.kv_cache_dtype, fp8=fp8)
-    return KCache(*args, cfg.kcache, kv_cache_dtype=cfg.kv_cache_dtype, host_v_dtype=cfg.host_v_dtype, fp8=fp8)
+        return FullKV(*args, kv_cache_dtype=cfg.kv_cache_dtype, calibration=calibration)
+    return KCache(*args, cfg.kcache, kv_cache_dtype=cfg.kv_cache_dtype, host_v_dtype=cfg.host_v_dtype,
+                  calibration=calibration)
