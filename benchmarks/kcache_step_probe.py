@@ -8,8 +8,8 @@ and FullKV at the batch that fits on the device beside its V; then the whole op 
 programs (STAGE_PROGRAMS). Floors: the scan reads every K byte once from HBM; the
 gather reads `budget` V rows per KV head from host memory at PCIe speed (47 GB/s measured on the lent H200).
 
-    python benchmarks/kcache_step_probe.py [BATCH CONTEXT [parts|overlap]]  # default 25 32768; parts: the gather's
-    parts only; overlap: the slices sweep only
+    python benchmarks/kcache_step_probe.py [BATCH CONTEXT [parts|overlap|fp8]]  # default 25 32768; parts: the
+    gather's parts only; overlap: the slices sweep only; fp8: FP8 K (fp8_rows)
 """
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ import torch
 
 from attention_microbench import hbm_read_bandwidth, time_graph  # same folder
 from kcache.attention import triton_decode as td
+from kcache.attention.reference import ExactChannels
 from kcache.cache.kv import host_empty
 from kcache.config import KCacheConfig
 
@@ -138,6 +139,65 @@ def gather_parts(q, k, v, tables, lens, scale, nb) -> list[dict]:
     return rows
 
 
+def fp8_rows(batch: int, context: int, hbm: float) -> list[dict]:
+    """KCache's op over FP8 K (one scale per KV head; 4 exact channels, or none) with bf16 or FP8 host V, parts
+    timed as in kcache_rows, then FP8 FullKV (V in FP8 too) at half the batch."""
+    dev = torch.device("cuda")
+    nb = batch * context // BS
+    k = torch.empty(LAYERS, nb, HKV, BS, D, device=dev, dtype=torch.float8_e4m3fn)
+    for l in range(LAYERS):  # one layer of bf16 at a time: the bf16 pool would not fit beside it
+        k[l] = torch.randn(nb, HKV, BS, D, device=dev, dtype=torch.bfloat16)
+    ks = torch.full((LAYERS, HKV, 1), 0.3, device=dev)
+    exact = ExactChannels(torch.randn(LAYERS, nb, HKV, BS, 4, device=dev, dtype=torch.bfloat16),
+                          torch.arange(4 * HKV, device=dev, dtype=torch.int32).view(HKV, 4).repeat(LAYERS, 1, 1))
+    v = host_empty((LAYERS, nb, HKV, BS, D), torch.bfloat16, dev)
+    v.view(torch.int16).fill_(0x3F80)
+    v8 = v.view(-1).view(torch.uint8)[: v.numel()].view(torch.float8_e4m3fn).view(v.shape)  # the same registered bytes
+    vs = torch.full((LAYERS, HKV, 1), 0.5, device=dev)
+    q = torch.randn(batch, HQ, D, device=dev, dtype=torch.bfloat16)
+    lens = torch.full((batch,), context, device=dev, dtype=torch.int32)
+    tables = torch.randperm(nb, device=dev).to(torch.int32).view(batch, nb // batch)
+    scale = D ** -0.5
+    k_bytes = batch * context * HKV * D * LAYERS
+    rows = []
+    for chunk, top_n, nx, host in [(8, 64, 4, "bf16"), (8, 64, 0, "bf16"), (8, 64, 4, "fp8"), (8, 256, 4, "bf16"),
+                                   (8, 256, 4, "fp8")]:
+        cfg = KCacheConfig(top_n=top_n, chunk_tokens=chunk)
+        kx = (lambda l: ExactChannels(exact.values[l], exact.channels[l])) if nx else (lambda l: None)
+        pool, vsc = (v8, lambda l: vs[l]) if host == "fp8" else (v, lambda l: None)
+        scores = lambda l: td.chunk_scores(q, k[l], tables, lens, chunk, scale, ks[l], kx(l))  # noqa: E731
+        op = lambda l: td.kcache_decode(q, k[l], pool[l], tables, lens, cfg, None, ks[l], vsc(l), kx(l))  # noqa: E731
+        scan = per_step_ms(lambda: [scores(l) for l in range(LAYERS)])
+        select = per_step_ms(lambda: [td.select_chunks(*scores(l), lens, cfg) for l in range(LAYERS)])
+        total = per_step_ms(lambda: [op(l) for l in range(LAYERS)])
+        slices, td.OVERLAP_SLICES = td.OVERLAP_SLICES, 1
+        serial = per_step_ms(lambda: [op(l) for l in range(LAYERS)])
+        td.OVERLAP_SLICES = slices
+        v_bytes = batch * LAYERS * HKV * cfg.budget * D * (1 if host == "fp8" else 2)
+        rows.append({"batch": batch, "context": context, "mode": "fp8 K", "exact_channels": nx, "host_v": host,
+                     "chunk_tokens": chunk, "top_n": top_n, "scan_ms": scan, "select_ms": select - scan,
+                     "gather_serial_ms": serial - select, "total_serial_ms": serial, "total_ms": total,
+                     "scan_floor_ms": (k_bytes + (exact.values.numel() * 2 if nx else 0)) / hbm * 1e3,
+                     "gather_floor_ms": v_bytes / PCIE * 1e3})
+        print(json.dumps(rows[-1]), flush=True)
+    del k, exact
+    torch.cuda.cudart().cudaHostUnregister(v.data_ptr())
+    del v, v8
+    half = batch // 2
+    nb = half * context // BS
+    k = torch.empty(LAYERS, nb, HKV, BS, D, device=dev, dtype=torch.float8_e4m3fn)
+    for l in range(LAYERS):
+        k[l] = torch.randn(nb, HKV, BS, D, device=dev, dtype=torch.bfloat16)
+    v = k.clone()
+    tables = torch.randperm(nb, device=dev).to(torch.int32).view(half, nb // half)
+    rows.append({"batch": half, "context": context, "mode": "fp8 full",
+                 "total_ms": per_step_ms(lambda: [td.full_decode(q[:half], k[l], v[l], tables, lens[:half], None,
+                                                                 ks[l], vs[l]) for l in range(LAYERS)]),
+                 "floor_ms": 2 * k.numel() / hbm * 1e3})
+    print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
 def full_row(batch: int, context: int, hbm: float) -> dict:
     dev = torch.device("cuda")
     nb = batch * context // BS
@@ -158,7 +218,8 @@ def main():
     mode = sys.argv[3] if len(sys.argv) > 3 else "all"
     hbm = hbm_read_bandwidth()
     print(f"HBM streaming read: {hbm / 1e12:.2f} TB/s", flush=True)
-    result = {"card": torch.cuda.get_device_name(), "hbm_read_Bps": hbm, "kcache": kcache_rows(batch, context, hbm, mode)}
+    rows = fp8_rows(batch, context, hbm) if mode == "fp8" else kcache_rows(batch, context, hbm, mode)
+    result = {"card": torch.cuda.get_device_name(), "hbm_read_Bps": hbm, "kcache": rows}
     if mode == "all":
         result["full"] = full_row(batch // 2, context, hbm)
     if os.environ.get("OUT"):
