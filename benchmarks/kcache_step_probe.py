@@ -139,14 +139,21 @@ def gather_parts(q, k, v, tables, lens, scale, nb) -> list[dict]:
     return rows
 
 
+def random_fp8_pool(blocks: int) -> torch.Tensor:
+    """An e4m3 K pool [layers, blocks, Hkv, bs, D] of random values, one layer of bf16 at a time (the whole bf16 pool
+    would not fit beside it)."""
+    k = torch.empty(LAYERS, blocks, HKV, BS, D, device="cuda", dtype=torch.float8_e4m3fn)
+    for l in range(LAYERS):
+        k[l] = torch.randn(blocks, HKV, BS, D, device="cuda", dtype=torch.bfloat16)
+    return k
+
+
 def fp8_rows(batch: int, context: int, hbm: float) -> list[dict]:
     """KCache's op over FP8 K (one scale per KV head; 4 exact channels, or none) with bf16 or FP8 host V, parts
     timed as in kcache_rows, then FP8 FullKV (V in FP8 too) at half the batch."""
     dev = torch.device("cuda")
     nb = batch * context // BS
-    k = torch.empty(LAYERS, nb, HKV, BS, D, device=dev, dtype=torch.float8_e4m3fn)
-    for l in range(LAYERS):  # one layer of bf16 at a time: the bf16 pool would not fit beside it
-        k[l] = torch.randn(nb, HKV, BS, D, device=dev, dtype=torch.bfloat16)
+    k = random_fp8_pool(nb)
     ks = torch.full((LAYERS, HKV, 1), 0.3, device=dev)
     exact = ExactChannels(torch.randn(LAYERS, nb, HKV, BS, 4, device=dev, dtype=torch.bfloat16),
                           torch.arange(4 * HKV, device=dev, dtype=torch.int32).view(HKV, 4).repeat(LAYERS, 1, 1))
@@ -185,9 +192,7 @@ def fp8_rows(batch: int, context: int, hbm: float) -> list[dict]:
     del v, v8
     half = batch // 2
     nb = half * context // BS
-    k = torch.empty(LAYERS, nb, HKV, BS, D, device=dev, dtype=torch.float8_e4m3fn)
-    for l in range(LAYERS):
-        k[l] = torch.randn(nb, HKV, BS, D, device=dev, dtype=torch.bfloat16)
+    k = random_fp8_pool(nb)
     v = k.clone()
     tables = torch.randperm(nb, device=dev).to(torch.int32).view(half, nb // half)
     rows.append({"batch": half, "context": context, "mode": "fp8 full",
