@@ -222,10 +222,12 @@ def test_stop_string_ends_the_completion_at_its_token(tiny_chat_model):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("kv_dtype", ["auto", "fp8"])
 @pytest.mark.parametrize("cache", ["full", "kcache"])
-def test_cuda_graphs_decode_and_measure_as_eager_does(tmp_path, cache):
+def test_cuda_graphs_decode_and_measure_as_eager_does(tmp_path, cache, kv_dtype):
     """Replayed graphs pad the batch into the scratch block and record stats in the buffers they were captured
-    with: tokens and per-request stats equal eager decoding's, and the block manager never hands the scratch out."""
+    with: tokens and per-request stats equal eager decoding's, and the block manager never hands the scratch out;
+    with FP8 pools too (their scales and exact channels set by the calibration prefill before capture)."""
     save_tiny("llama", tmp_path, seed=1)
     loaded = loader.load(str(tmp_path), dtype="float32", device="cuda")
     kcfg = KCacheConfig(top_n=8, dense_layers=1)
@@ -234,7 +236,7 @@ def test_cuda_graphs_decode_and_measure_as_eager_does(tmp_path, cache):
     for eager in (False, True):
         engine = LLMEngine(EngineConfig(model="unused", cache=cache, kcache=kcfg, device="cuda", max_model_len=256,
                                         max_num_seqs=16, device_cache_bytes=16 << 20, host_cache_bytes=16 << 20,
-                                        enforce_eager=eager), loaded)
+                                        enforce_eager=eager, kv_cache_dtype=kv_dtype), loaded)
         assert bool(engine.runner.graphs) != eager
         plan = engine.plan
         assert (plan.scratch_block is None) == eager and engine.blocks.num_blocks == plan.usable_blocks

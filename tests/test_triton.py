@@ -122,6 +122,50 @@ def test_top_n_covering_the_length_is_full_attention(selection, chunk):
     assert torch.allclose(mass, torch.ones_like(mass), atol=1e-5)
 
 
+@pytest.mark.parametrize("fp8", [False, True])
+@pytest.mark.parametrize("g,bs,chunk", [(1, 16, 1), (3, 16, 1), (3, 16, 16), (4, 16, 1), (4, 16, 2), (4, 16, 8),
+                                        (4, 4, 4), (4, 2, 2), (8, 16, 4), (16, 16, 1)])
+def test_the_scans_token_lanes_give_the_float64_chunk_and_split_scores(g, bs, chunk, fp8):
+    """The scan packs 16 / G token lanes into a dot's 16 rows (fewer where they would not divide the block or the chunk):
+    every group size, block size and chunk gives float64's chunk log-sum-exps, and its split stats give the total."""
+    from kcache.attention.reference import quantize, dequantize
+
+    gen = torch.Generator().manual_seed(next(_seed))
+    hkv, d, lengths = 2, 64, [1, 37, 300, 2100]
+    nb = sum(math.ceil(n / bs) for n in lengths) + 3
+    tables = torch.randperm(nb, generator=gen)[:sum(math.ceil(n / bs) for n in lengths)]
+    width = max(math.ceil(n / bs) for n in lengths) + 1
+    table = torch.full((len(lengths), width), -1, dtype=torch.int32)
+    at = 0
+    for b, n in enumerate(lengths):
+        table[b, :math.ceil(n / bs)] = tables[at:at + math.ceil(n / bs)].int()
+        at += math.ceil(n / bs)
+    k = torch.randn(nb, hkv, bs, d, generator=gen)
+    q = 2 * torch.randn(len(lengths), hkv * g, d, generator=gen)
+    if fp8:  # bf16 queries against e4m3 K under per-head scales: the scan's tensor-core path
+        scales = k.abs().amax(dim=(0, 2, 3)).div(448).view(hkv, 1)
+        k8 = quantize(k.transpose(1, 2), scales).transpose(1, 2).contiguous()
+        k = dequantize(k8.transpose(1, 2), scales, torch.float64).transpose(1, 2)
+        q = q.bfloat16()
+        args = dict(k_cache=k8.cuda(), k_scales=scales.cuda())
+    else:
+        args = dict(k_cache=k.cuda())
+    lens = torch.tensor(lengths, dtype=torch.int32)
+    _poison()
+    lse, m, l = td.chunk_scores(q.cuda(), block_tables=table.cuda(), lengths=lens.cuda(), chunk_tokens=chunk,
+                                scale=1 / math.sqrt(d), **args)
+    slots, _ = ref.token_slots(table, lens, bs)
+    keys = ref.rows_at(k.double(), slots).transpose(1, 2)  # [B, Hkv, L, D]
+    logits = q.double().view(len(lengths), hkv, g, d) @ keys.transpose(-1, -2) / math.sqrt(d)  # [B, Hkv, G, L]
+    for b, n in enumerate(lengths):
+        x = logits[b, ..., :n]
+        want = torch.nn.functional.pad(x, (0, -n % chunk), value=-math.inf).unflatten(-1, (-1, chunk)).logsumexp(-1)
+        got = lse[b, ..., :want.shape[-1]].cpu().double()
+        assert torch.allclose(got, want, atol=1e-4), (got - want).abs().max()
+        total = (m[b] + l[b].log()).cpu().double().logsumexp(-1)  # splits with no token hold m = -inf, l = 0
+        assert torch.allclose(total, x.logsumexp(-1), atol=1e-4)
+
+
 @pytest.mark.parametrize("v_home", ["pin", "register"])
 def test_reads_the_host_pool_in_place(v_home):
     q, k, v, tables, lens = _case([500, 200], torch.bfloat16, v_home=v_home)
