@@ -125,9 +125,9 @@ def test_top_n_covering_the_length_is_full_attention(selection, chunk):
 @pytest.mark.parametrize("fp8", [False, True])
 @pytest.mark.parametrize("g,bs,chunk", [(1, 16, 1), (3, 16, 1), (3, 16, 16), (4, 16, 1), (4, 16, 2), (4, 16, 8),
                                         (4, 4, 4), (4, 2, 2), (8, 16, 4), (16, 16, 1)])
-def test_the_scans_token_lanes_give_the_float64_chunk_and_split_scores(g, bs, chunk, fp8):
-    """The scan packs 16 / G token lanes into a dot's 16 rows (fewer where they would not divide the block or the chunk):
-    every group size, block size and chunk gives float64's chunk log-sum-exps, and its split stats give the total."""
+def test_the_scan_gives_the_float64_chunk_and_split_scores(g, bs, chunk, fp8):
+    """Every group size (padded to a dot's 16 rows), block size and chunk, with float32 K or e4m3 K against bf16
+    queries: float64's chunk log-sum-exps, and split stats that combine into the total."""
     from kcache.attention.reference import quantize, dequantize
 
     gen = torch.Generator().manual_seed(next(_seed))

@@ -6,9 +6,8 @@ Pools (one layer): `[num_blocks, kv_heads, block_size, head_dim]`; slot = block 
 `chunk_tokens` consecutive tokens is one contiguous read (2 KiB for 8 tokens at d=128), which the lent GPUs serve
 from host memory at PCIe speed where scattered 256-byte rows run at a fixed ~28 M reads/s.
 
-One program handles all G query heads of a KV head, so each K row is read once per step (GQA folded). `tl.dot`
-wants 16 query rows: the full decode and the gather pad the G rows to 16; the scan fills them with 16 / G token
-lanes instead (_lane_logits), so its softmax and chunk sums do no padded work. The sequence is split so that small batches still fill the GPU; the
+One program handles all G query heads of a KV head, so each K row is read once per step (GQA folded); the
+G rows are padded to 16 for `tl.dot`. The sequence is split so that small batches still fill the GPU; the
 split count depends only on static shapes, so every launch here can be captured in a CUDA graph.
 
 FP8 pools (float8 e4m3 rows under one float32 scale per KV head, `[Hkv, 1]` per layer, see
@@ -105,16 +104,6 @@ def _pad_rows(g: int) -> int:
     return max(16, triton.next_power_of_2(g))  # tl.dot needs at least 16 rows
 
 
-def _lanes(g: int, block_size: int, chunk_tokens: int, tile: int) -> int:
-    """Token lanes of the scan (_lane_logits): as many as the padded queries fit in a dot's 16 rows, a power of two
-    dividing the block (a lane row is one block's consecutive rows) and the chunk (a chunk sums whole tile columns),
-    with 16 tile columns left for the dot."""
-    lanes = 16 // min(16, triton.next_power_of_2(g))
-    while block_size % lanes or (chunk_tokens > 1 and chunk_tokens % lanes) or tile // lanes < 16:
-        lanes //= 2
-    return lanes
-
-
 @triton.jit
 def _kv_rows(table_row, pos, valid, BS: tl.constexpr, HKV: tl.constexpr, h):
     """Rows of positions pos [N] of KV head h in the flat pool [blocks * Hkv * BS, D], int64 (pools exceed 2**31
@@ -166,23 +155,28 @@ def _query_parts(qv, QP: tl.constexpr):
 
 @triton.jit
 def _exact_q(q, channels, b, h, HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BG: tl.constexpr,
-             NX: tl.constexpr, XP: tl.constexpr, R: tl.constexpr = 1):
-    """The G queries' values at KV head h's NX exact channels, in R token lanes like _load_q: [BG, XP], row j * GP + g
-    holding query g's values in columns j * NX.. and zeros elsewhere (XP >= 16, a dot's least width)."""
-    r = tl.arange(0, BG)
-    c = tl.arange(0, XP)
-    g = r % (BG // R)
-    ch = tl.load(channels + h * NX + c % NX)
-    mask = (g[:, None] < G) & (c[None, :] // NX == r[:, None] // (BG // R))
+             NX: tl.constexpr):
+    """The G queries' values at KV head h's NX exact channels, padded with zeros: [BG, 16] (a dot's least width)."""
+    g = tl.arange(0, BG)
+    r = tl.arange(0, 16)
+    ch = tl.load(channels + h * NX + r, mask=r < NX, other=0)
+    mask = (g[:, None] < G) & (r[None, :] < NX)
     return tl.load(q + ((b * HKV + h) * G + g[:, None]) * D + ch[None, :], mask=mask, other=0.0)
 
 
 @triton.jit
-def _scaled_dots(q0, q1, q2, qs, kt, ks, scale, PREC: tl.constexpr, KQ: tl.constexpr, QP: tl.constexpr):
-    """Scaled logits [BG, N] of the queries (_query_parts) against a K tile kt [N, K]. KQ: K is FP8 under the head's
-    scale ks. QP > 0 (FP8 K, 16-bit queries): the e4m3 tile goes into QP tensor-core dots with the queries' e4m3
-    parts as it is (converting it to bf16 first held a stripped scan to 2.3 TB/s on the H200, against 3.9). QP = 0:
-    an FP8 tile goes into the dot as the queries' dtype."""
+def _tile_logits(q0, q1, q2, qs, qx, k_cache, ks, kx, table_row, pos, end, scale, h, HKV: tl.constexpr,
+                 D: tl.constexpr, BS: tl.constexpr, PREC: tl.constexpr, KQ: tl.constexpr, QP: tl.constexpr,
+                 NX: tl.constexpr):
+    """Scaled logits [BG, N] of the queries (_query_parts) at positions pos [N] (-inf from `end` on), their pool rows
+    and validity. KQ: K is FP8 under the head's scale ks. QP > 0 (FP8 K, 16-bit queries): the e4m3 tile
+    goes into QP tensor-core dots with the queries' e4m3 parts as it is (converting it to bf16 first held a stripped
+    scan to 2.3 TB/s on the H200, against 3.9). QP = 0: an FP8 tile goes into the dot as the queries' dtype.
+    NX > 0: the exact channels' values kx [rows, NX] against the queries' there, qx (_exact_q), join the logit."""
+    valid = pos < end
+    rows = _kv_rows(table_row, pos, valid, BS, HKV, h)
+    d = tl.arange(0, D)
+    kt = tl.load(k_cache + rows[:, None] * D + d[None, :], mask=valid[:, None], other=0.0)  # [N, D]
     if QP:
         ktt = tl.trans(kt)
         x = tl.dot(q0, ktt) + tl.dot(q1, ktt) * (1.0 / 16)
@@ -197,21 +191,6 @@ def _scaled_dots(q0, q1, q2, qs, kt, ks, scale, PREC: tl.constexpr, KQ: tl.const
         x = x * (ks * scale)
     else:
         x = x * scale
-    return x
-
-
-@triton.jit
-def _tile_logits(q0, q1, q2, qs, qx, k_cache, ks, kx, table_row, pos, end, scale, h, HKV: tl.constexpr,
-                 D: tl.constexpr, BS: tl.constexpr, PREC: tl.constexpr, KQ: tl.constexpr, QP: tl.constexpr,
-                 NX: tl.constexpr):
-    """Scaled logits [BG, N] of the queries (_query_parts) at positions pos [N] (-inf from `end` on), their pool rows
-    and validity (_scaled_dots). NX > 0: the exact channels' values kx [rows, NX] against the queries' there, qx
-    (_exact_q, 16 columns), join the logit."""
-    valid = pos < end
-    rows = _kv_rows(table_row, pos, valid, BS, HKV, h)
-    d = tl.arange(0, D)
-    kt = tl.load(k_cache + rows[:, None] * D + d[None, :], mask=valid[:, None], other=0.0)  # [N, D]
-    x = _scaled_dots(q0, q1, q2, qs, kt, ks, scale, PREC, KQ, QP)
     if NX:
         r = tl.arange(0, 16)
         xt = tl.load(kx + rows[:, None] * NX + r[None, :], mask=valid[:, None] & (r[None, :] < NX), other=0.0)
@@ -220,41 +199,11 @@ def _tile_logits(q0, q1, q2, qs, qx, k_cache, ks, kx, table_row, pos, end, scale
 
 
 @triton.jit
-def _lane_logits(q0, q1, q2, qs, qx, k_cache, ks, kx, table_row, t, end, scale, h, HKV: tl.constexpr, D: tl.constexpr,
-                 BS: tl.constexpr, BG: tl.constexpr, W: tl.constexpr, R: tl.constexpr, PREC: tl.constexpr,
-                 KQ: tl.constexpr, QP: tl.constexpr, NX: tl.constexpr, XP: tl.constexpr):
-    """Scaled logits [BG, W] of R * W positions from t on, in R lanes (-inf from `end` on): row j * GP + g, column i
-    is query g (of the block-diagonal queries, _load_q) at position t + i * R + j.
-
-    Why lanes: a dot wants 16 query rows and a KV head has G (4 in Llama-3-8B); padded to 16 rows, every logit's
-    softmax and chunk-sum work ran 16 / G times over (the FP8 scan took 0.70 ms a layer on the H200 where a dot alone
-    took 0.40). In lanes the 16 rows are R copies of the G queries, each against its own tokens: the R tokens from
-    t + i * R are R consecutive rows of one block (R divides the block and t), i.e. one row of R * D values, so the
-    tile [W, R * D] is a plain load and one dot of depth R * D does the MMA work of the padded one."""
-    i = tl.arange(0, W)
-    c = tl.arange(0, R * D)
-    base = t + i * R  # [W] the first position of each tile row
-    rows = _kv_rows(table_row, base, base < end, BS, HKV, h)
-    kt = tl.load(k_cache + rows[:, None] * D + c[None, :], mask=base[:, None] + c[None, :] // D < end, other=0.0)
-    x = _scaled_dots(q0, q1, q2, qs, kt, ks, scale, PREC, KQ, QP)  # [BG, W]
-    if NX:
-        e = tl.arange(0, XP)
-        mask = (base[:, None] + e[None, :] // NX < end) & (e[None, :] < NX * R)
-        xt = tl.load(kx + rows[:, None] * NX + e[None, :], mask=mask, other=0.0)  # [W, XP]
-        x += tl.dot(qx, tl.trans(xt), input_precision=PREC) * scale
-    pos = base[None, :] + (tl.arange(0, BG) // (BG // R))[:, None]  # [BG, W]
-    return tl.where(pos < end, x, float("-inf"))
-
-
-@triton.jit
-def _load_q(q, b, h, HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BG: tl.constexpr, R: tl.constexpr = 1):
-    """The G query heads of KV head h padded with zero rows to GP = BG / R, in R token lanes (_lane_logits):
-    [BG, R * D], row j * GP + g holding query g in columns j * D.. and zeros elsewhere. R = 1: [BG, D]."""
-    r = tl.arange(0, BG)
-    c = tl.arange(0, R * D)
-    g = r % (BG // R)
-    mask = (g[:, None] < G) & (c[None, :] // D == r[:, None] // (BG // R))
-    return tl.load(q + ((b * HKV + h) * G + g[:, None]) * D + c[None, :] % D, mask=mask, other=0.0)
+def _load_q(q, b, h, HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BG: tl.constexpr):
+    """The G query heads of KV head h, padded with zero rows: [BG, D]."""
+    g = tl.arange(0, BG)
+    d = tl.arange(0, D)
+    return tl.load(q + ((b * HKV + h) * G + g[:, None]) * D + d[None, :], mask=g[:, None] < G, other=0.0)
 
 
 @triton.jit
@@ -284,7 +233,7 @@ def _full_split_kernel(
     S = tl.num_programs(2)
     qv = _load_q(q, b, h, HKV, G, D, BG)  # [BG, D]
     q0, q1, q2, qs = _query_parts(qv, QP)
-    qx = _exact_q(q, k_channels, b, h, HKV, G, D, BG, NX, 16) if NX else qv
+    qx = _exact_q(q, k_channels, b, h, HKV, G, D, BG, NX) if NX else qv
     table_row = block_tables + b * max_blocks
     d = tl.arange(0, D)
     start = s * per_split
@@ -336,46 +285,38 @@ def _full_reduce_kernel(acc_in, m_in, l_in, out, S, D: tl.constexpr, SP: tl.cons
 @triton.jit
 def _scores_kernel(
     q, k_cache, k_scales, k_exact, k_channels, block_tables, lengths, chunk_lse, m_out, l_out, scale, max_blocks,
-    per_split, LC, HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BS: tl.constexpr, GP: tl.constexpr,
-    R: tl.constexpr, BLOCK_N: tl.constexpr, C: tl.constexpr, PREC: tl.constexpr, KQ: tl.constexpr, QP: tl.constexpr,
-    NX: tl.constexpr, XP: tl.constexpr,
+    per_split, LC, HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BS: tl.constexpr, BG: tl.constexpr,
+    BLOCK_N: tl.constexpr, C: tl.constexpr, PREC: tl.constexpr, KQ: tl.constexpr, QP: tl.constexpr, NX: tl.constexpr,
 ):
-    """One KV head's G queries (padded to GP) over one split, in R token lanes (_lane_logits): each chunk of C
-    tokens' log-sum-exp of the scaled logits into chunk_lse [B, Hkv, G, LC] (-inf where no token is valid), plus the
-    split's max / sum-exp. A chunk is C / R consecutive tile columns of all R lanes (R divides C, or C = 1)."""
+    """One KV head's G queries over one split: each chunk of C tokens' log-sum-exp of the scaled logits into
+    chunk_lse [B, Hkv, G, LC] (-inf where no token is valid), plus the split's max / sum-exp."""
     b, h, s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     S = tl.num_programs(2)
-    BG: tl.constexpr = R * GP
-    W: tl.constexpr = BLOCK_N // R
-    qv = _load_q(q, b, h, HKV, G, D, BG, R)  # [BG, R * D]
-    g = tl.arange(0, GP)
+    qv = _load_q(q, b, h, HKV, G, D, BG)  # [BG, D]
+    g = tl.arange(0, BG)
     head = (b * HKV + h) * G + g
     start = s * per_split  # a multiple of the tile, so chunks never straddle two programs
     end = tl.minimum(start + per_split, tl.load(lengths + b))
-    m = tl.full([GP], float("-inf"), tl.float32)
-    l = tl.zeros([GP], tl.float32)
+    m = tl.full([BG], float("-inf"), tl.float32)
+    l = tl.zeros([BG], tl.float32)
     q0, q1, q2, qs = _query_parts(qv, QP)
-    qx = _exact_q(q, k_channels, b, h, HKV, G, D, BG, NX, XP, R) if NX else qv
+    qx = _exact_q(q, k_channels, b, h, HKV, G, D, BG, NX) if NX else qv
     table_row = block_tables + b * max_blocks
     ks = tl.load(k_scales + h) if KQ else 1.0
-    for t in range(start, end, BLOCK_N):  # every tile holds a valid token, so m stays finite after it
-        x = _lane_logits(q0, q1, q2, qs, qx, k_cache, ks, k_exact, table_row, t, end, scale, h, HKV, D, BS, BG, W, R,
-                         PREC, KQ, QP, NX, XP)  # [BG, W]
-        m_new = tl.maximum(m, tl.max(tl.reshape(tl.max(x, 1), [R, GP]), 0))  # [GP], over the lanes
-        m_rows = tl.reshape(tl.broadcast_to(m_new[None, :], [R, GP]), [BG])
-        p = tl.exp(x - m_rows[:, None])  # [BG, W], shared by the split's sum and the chunks' sums
-        l = l * tl.exp(m - m_new) + tl.sum(tl.reshape(tl.sum(p, 1), [R, GP]), 0)
+    for t in range(start, end, BLOCK_N):
+        pos = t + tl.arange(0, BLOCK_N)
+        x, _, _ = _tile_logits(q0, q1, q2, qs, qx, k_cache, ks, k_exact, table_row, pos, end, scale, h, HKV, D, BS,
+                               PREC, KQ, QP, NX)
+        m_new = tl.maximum(m, tl.max(x, 1))
+        p = tl.exp(x - m_new[:, None])  # [BG, BLOCK_N], shared by the split's sum and the chunks' sums
+        l = l * tl.exp(m - m_new) + tl.sum(p, 1)
         m = m_new
-        if C == 1:  # token t + i * R + j's logit for query g sits at row j * GP + g, column i
-            r = tl.arange(0, BG)
-            pos = t + tl.arange(0, W)[None, :] * R + (r // GP)[:, None]
-            at = chunk_lse + ((b * HKV + h) * G + r % GP)[:, None] * LC + pos
-            tl.store(at, x, mask=((r % GP)[:, None] < G) & (pos < end))
+        if C == 1:
+            lse = x
         else:  # a chunk's log-sum-exp relative to the tile's max; a chunk far below it (mass < e^-87) gets -inf
-            sums = p if C == R else tl.sum(tl.reshape(p, [BG, BLOCK_N // C, C // R]), 2)  # [BG, BLOCK_N // C]
-            lse = m_new[:, None] + tl.log(tl.sum(tl.reshape(sums, [R, GP, BLOCK_N // C]), 0))  # [GP, BLOCK_N // C]
-            ci = t // C + tl.arange(0, BLOCK_N // C)
-            tl.store(chunk_lse + head[:, None] * LC + ci[None, :], lse, mask=(g[:, None] < G) & (ci[None, :] * C < end))
+            lse = m_new[:, None] + tl.log(tl.sum(tl.reshape(p, [BG, BLOCK_N // C, C]), 2))  # [BG, BLOCK_N // C]
+        ci = t // C + tl.arange(0, BLOCK_N // C)
+        tl.store(chunk_lse + head[:, None] * LC + ci[None, :], lse, mask=(g[:, None] < G) & (ci[None, :] * C < end))
     tl.store(m_out + head * S + s, m, mask=g < G)
     tl.store(l_out + head * S + s, l, mask=g < G)
 
@@ -482,7 +423,7 @@ def _gather_kernel(
     length = tl.load(lengths + b)
     qv = _load_q(q, b, h, HKV, G, D, BG)
     q0, q1, q2, qs = _query_parts(qv, QP)
-    qx = _exact_q(q, k_channels, b, h, HKV, G, D, BG, NX, 16) if NX else qv
+    qx = _exact_q(q, k_channels, b, h, HKV, G, D, BG, NX) if NX else qv
     table_row = block_tables + b * max_blocks
     g = tl.arange(0, BG)
     d = tl.arange(0, D)
@@ -572,13 +513,11 @@ def chunk_scores(q, k_cache, block_tables, lengths, chunk_tokens: int, scale: fl
     m = torch.empty(B, Hkv, G, S, dtype=torch.float32, device=q.device)
     l = torch.empty_like(m)
     kx, kc, nx = _exact_args(k_exact, k_cache)
-    lanes = _lanes(G, bs, chunk_tokens, SCAN_TILE)
     _scores_kernel[(B, Hkv, S)](
         q, k_cache, _scales_arg(k_scales, k_cache), kx, kc, block_tables, lengths, lse, m, l, scale,
-        block_tables.shape[1], per_split, LC, HKV=Hkv, G=G, D=D, BS=bs, GP=_pad_rows(G) // lanes, R=lanes,
-        BLOCK_N=SCAN_TILE, C=chunk_tokens, PREC=_dot_precision(q.dtype), KQ=k_scales is not None,
-        QP=_query_split(q, k_cache), NX=nx, XP=max(16, triton.next_power_of_2(nx * lanes)), num_warps=4,
-        num_stages=K_STAGES,
+        block_tables.shape[1], per_split, LC, HKV=Hkv, G=G, D=D, BS=bs, BG=_pad_rows(G), BLOCK_N=SCAN_TILE,
+        C=chunk_tokens, PREC=_dot_precision(q.dtype), KQ=k_scales is not None, QP=_query_split(q, k_cache), NX=nx,
+        num_warps=4, num_stages=K_STAGES,
     )
     return lse, m, l
 
