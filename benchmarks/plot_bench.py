@@ -14,13 +14,21 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 
+def label(args: dict, mode: str, res: dict) -> str:
+    """FullKV | KCache N=<n>, with the pools' FP8 settings (runs before FP8 existed have none)."""
+    fp8_k = args.get("kv_cache_dtype") == "fp8"
+    if mode == "full":
+        return "FullKV" + (" FP8" if fp8_k else "")
+    return (f"KCache N={res['kcache']['top_n']}" + (" FP8 K" if fp8_k else "")
+            + (" FP8 host V" if args.get("host_v_dtype") == "fp8" else ""))
+
+
 def series(runs: list[dict], metric: str) -> dict[str, dict[int, float]]:
-    """{FullKV | KCache N=<n>: {prompt tokens: value}} over every mode of every run (first value wins)."""
+    """{label: {prompt tokens: value}} over every mode of every run (first value wins)."""
     out: dict[str, dict[int, float]] = {}
     for run in runs:
         for mode, res in run["results"].items():
-            label = "FullKV" if mode == "full" else f"KCache N={res['kcache']['top_n']}"
-            out.setdefault(label, {}).setdefault(run["args"]["input_len"], res[metric])
+            out.setdefault(label(run["args"], mode, res), {}).setdefault(run["args"]["input_len"], res[metric])
     return dict(sorted(out.items(), key=lambda kv: (kv[0] != "FullKV", len(kv[0]), kv[0])))
 
 
@@ -37,9 +45,9 @@ def main() -> None:
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for ax, key, title in ((axes[0], metric, "decode tokens/s " + ("(steady state)" if steady else "(all decode steps)")),
                            (axes[1], "max_concurrent_seqs", "largest concurrent batch")):
-        for (label, points), marker in zip(series(runs, key).items(), "osD^v"):
+        for (name, points), marker in zip(series(runs, key).items(), "osD^v<>"):
             lengths = sorted(points)
-            ax.plot(lengths, [points[n] for n in lengths], marker + "-", label=label)
+            ax.plot(lengths, [points[n] for n in lengths], marker + "-", label=name)
         ax.set_xscale("log", base=2)
         every = sorted({r["args"]["input_len"] for r in runs})
         ax.set_xticks(every, [f"{n // 1024}k" for n in every])
@@ -47,7 +55,7 @@ def main() -> None:
         ax.set_title(title)
         ax.grid(alpha=0.3)
         ax.legend()
-    fig.suptitle(f"Llama-3.1-8B shapes (random weights), bf16, {card}")
+    fig.suptitle(f"Llama-3.1-8B shapes (random weights), bf16 weights, {card}")
     fig.tight_layout()
     fig.savefig(args.output, dpi=120)
 

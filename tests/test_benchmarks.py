@@ -3,6 +3,7 @@ engine cannot break a benchmark unseen; scripts that need Triton at import are c
 from __future__ import annotations
 
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
@@ -49,6 +50,17 @@ def test_plot_bench_plots_stored_results(tmp_path, monkeypatch):
     monkeypatch.setattr(sys, "argv", ["plot_bench.py", *runs, "-o", str(out)])
     load("plot_bench").main()
     assert out.stat().st_size > 0
+
+
+def test_plot_bench_keeps_fp8_runs_apart_from_bf16_ones():
+    """bf16 and FP8 runs at the same prompt length are separate lines, each point the run's own number."""
+    results = BENCHMARKS / "results"
+    paths = [results / "bench_h200_pool48_chunk8_in32768_out64.json", results / "bench_h200_pool48_fp8_in32768_out64.json"]
+    runs = [json.loads(p.read_text()) for p in paths]
+    lines = load("plot_bench").series(runs, "max_concurrent_seqs")
+    assert set(lines) == {"FullKV", "FullKV FP8", "KCache N=64", "KCache N=64 FP8 K"}
+    assert lines["KCache N=64 FP8 K"][32768] == runs[1]["results"]["kcache"]["max_concurrent_seqs"]
+    assert lines["FullKV"][32768] == runs[0]["results"]["full"]["max_concurrent_seqs"]
 
 
 def test_fp8_scale_probe_quantises_whole_blocks_and_measures_kl():
