@@ -115,8 +115,7 @@ def run(batch: int, mode: int, tile: int, stages: int, warps: int, scales: int, 
 
 def ablate() -> list[dict]:
     """The kernels' own scan (triton_decode.chunk_scores, chunks of 8) over FP8 K at batch 46 and bf16 at 23, by its
-    launch constants and its way of forming chunk sums (CHUNK_SUMS_BY_DOT), beside the stripped scan with one or two
-    e4m3 dots, with and without the chunk sums."""
+    launch constants, beside the stripped scan with one or two e4m3 dots, with and without the chunk sums."""
     from kcache.attention import triton_decode as td
 
     rows = []
@@ -124,7 +123,7 @@ def ablate() -> list[dict]:
         for tile, stages, warps in ((128, 3, 4), (128, 4, 4), (256, 3, 4), (256, 3, 8)):
             rows.append(run(batch, mode, tile, stages, warps, 0, chunk))
             print(json.dumps(rows[-1]), flush=True)
-    default = td.SCAN_TILE, td.K_STAGES, td.PROGRAMS_PER_SM, td.CHUNK_SUMS_BY_DOT
+    default = td.SCAN_TILE, td.K_STAGES, td.PROGRAMS_PER_SM
     for batch, fp8 in ((23, False), (46, True)):
         nb = batch * CONTEXT // BS
         k = torch.randn(LAYERS, nb, HKV, BS, D, device="cuda", dtype=torch.bfloat16)
@@ -133,18 +132,15 @@ def ablate() -> list[dict]:
         q = torch.randn(batch, HQ, D, device="cuda", dtype=torch.bfloat16)
         tables = torch.randperm(nb, device="cuda").to(torch.int32).view(batch, -1)
         lens = torch.full((batch,), CONTEXT, device="cuda", dtype=torch.int32)
-        for tile, stages, per_sm, by_dot in ((128, 3, 16, False), (128, 3, 16, True), (256, 3, 16, True),
-                                             (128, 4, 16, False), (128, 3, 4, False), (256, 3, 16, False),
-                                             (64, 4, 16, False)):
-            td.SCAN_TILE, td.K_STAGES, td.PROGRAMS_PER_SM, td.CHUNK_SUMS_BY_DOT = tile, stages, per_sm, by_dot
+        for tile, stages, per_sm in ((128, 3, 16), (128, 4, 16), (128, 3, 4), (256, 3, 16), (64, 4, 16)):
+            td.SCAN_TILE, td.K_STAGES, td.PROGRAMS_PER_SM = tile, stages, per_sm
             ms = time_graph(lambda: [td.chunk_scores(q, k[i], tables, lens, 8, 0.1, ks) for i in range(LAYERS)],
                             calls=1, replays=10) * 1e3 / LAYERS
             rows.append(dict(batch=batch, mode="chunk_scores " + ("fp8" if fp8 else "bf16"), tile=tile, stages=stages,
-                             programs_per_sm=per_sm, chunk_sums="dot" if by_dot else "reshape", ms=ms,
-                             TBps=k[0].numel() * k.element_size() / 1e9 / ms))
+                             programs_per_sm=per_sm, ms=ms, TBps=k[0].numel() * k.element_size() / 1e9 / ms))
             print(json.dumps(rows[-1]), flush=True)
         del k
-    td.SCAN_TILE, td.K_STAGES, td.PROGRAMS_PER_SM, td.CHUNK_SUMS_BY_DOT = default
+    td.SCAN_TILE, td.K_STAGES, td.PROGRAMS_PER_SM = default
     return rows
 
 

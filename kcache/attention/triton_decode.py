@@ -50,11 +50,6 @@ from kcache.config import KCacheConfig
 SCAN_TILE = 128
 FULL_TILE = {2: 64, 4: 64, 1: 128}  # by the K pool's element size
 K_STAGES = 3  # the software pipeline's depth over K tiles (scan and full decode)
-# The scan's chunk sums as a dot of the tile's weights with the chunks' indicator (3 TF32 passes: float32's
-# precision) instead of a reshape and sum: forming and storing the chunks' log-sum-exps took a stripped FP8 scan from
-# 0.40 to 0.60 ms a layer on the H200, and a reshape of a dot's output may cost a trip through shared memory. Off
-# until timed on a GPU (fp8_scan_probe.py ablate times both).
-CHUNK_SUMS_BY_DOT = False
 BLOCK_L = 1024  # chunks ranked per program (each keeps its local top NP)
 RANK_WARPS = 8  # warps of a rank program: its bitonic top-k trades shuffles against shared-memory rounds
 MERGE_KEYS = 4096  # keys per merge program (its register tile)
@@ -292,11 +287,9 @@ def _scores_kernel(
     q, k_cache, k_scales, k_exact, k_channels, block_tables, lengths, chunk_lse, m_out, l_out, scale, max_blocks,
     per_split, LC, HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BS: tl.constexpr, BG: tl.constexpr,
     BLOCK_N: tl.constexpr, C: tl.constexpr, PREC: tl.constexpr, KQ: tl.constexpr, QP: tl.constexpr, NX: tl.constexpr,
-    SUM_DOT: tl.constexpr,
 ):
     """One KV head's G queries over one split: each chunk of C tokens' log-sum-exp of the scaled logits into
-    chunk_lse [B, Hkv, G, LC] (-inf where no token is valid), plus the split's max / sum-exp. SUM_DOT: the chunk
-    sums on the tensor cores (CHUNK_SUMS_BY_DOT; needs BLOCK_N / C >= 16, a dot's least width)."""
+    chunk_lse [B, Hkv, G, LC] (-inf where no token is valid), plus the split's max / sum-exp."""
     b, h, s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     S = tl.num_programs(2)
     qv = _load_q(q, b, h, HKV, G, D, BG)  # [BG, D]
@@ -310,9 +303,6 @@ def _scores_kernel(
     qx = _exact_q(q, k_channels, b, h, HKV, G, D, BG, NX) if NX else qv
     table_row = block_tables + b * max_blocks
     ks = tl.load(k_scales + h) if KQ else 1.0
-    NC: tl.constexpr = BLOCK_N // C
-    if SUM_DOT:
-        chunk_of = (tl.arange(0, BLOCK_N)[:, None] // C == tl.arange(0, NC)[None, :]).to(tl.float32)  # [BLOCK_N, NC]
     for t in range(start, end, BLOCK_N):
         pos = t + tl.arange(0, BLOCK_N)
         x, _, _ = _tile_logits(q0, q1, q2, qs, qx, k_cache, ks, k_exact, table_row, pos, end, scale, h, HKV, D, BS,
@@ -324,12 +314,8 @@ def _scores_kernel(
         if C == 1:
             lse = x
         else:  # a chunk's log-sum-exp relative to the tile's max; a chunk far below it (mass < e^-87) gets -inf
-            if SUM_DOT:
-                sums = tl.dot(p, chunk_of, input_precision="tf32x3")
-            else:
-                sums = tl.sum(tl.reshape(p, [BG, NC, C]), 2)
-            lse = m_new[:, None] + tl.log(sums)  # [BG, NC]
-        ci = t // C + tl.arange(0, NC)
+            lse = m_new[:, None] + tl.log(tl.sum(tl.reshape(p, [BG, BLOCK_N // C, C]), 2))  # [BG, BLOCK_N // C]
+        ci = t // C + tl.arange(0, BLOCK_N // C)
         tl.store(chunk_lse + head[:, None] * LC + ci[None, :], lse, mask=(g[:, None] < G) & (ci[None, :] * C < end))
     tl.store(m_out + head * S + s, m, mask=g < G)
     tl.store(l_out + head * S + s, l, mask=g < G)
@@ -531,7 +517,7 @@ def chunk_scores(q, k_cache, block_tables, lengths, chunk_tokens: int, scale: fl
         q, k_cache, _scales_arg(k_scales, k_cache), kx, kc, block_tables, lengths, lse, m, l, scale,
         block_tables.shape[1], per_split, LC, HKV=Hkv, G=G, D=D, BS=bs, BG=_pad_rows(G), BLOCK_N=SCAN_TILE,
         C=chunk_tokens, PREC=_dot_precision(q.dtype), KQ=k_scales is not None, QP=_query_split(q, k_cache), NX=nx,
-        SUM_DOT=CHUNK_SUMS_BY_DOT and SCAN_TILE // chunk_tokens >= 16, num_warps=4, num_stages=K_STAGES,
+        num_warps=4, num_stages=K_STAGES,
     )
     return lse, m, l
 
