@@ -33,21 +33,27 @@ def _rel(out, want):
     return ((out.double().cpu() - want.double()).norm() / want.double().norm()).item()
 
 
+def _scattered_tables(lengths, bs, spare_blocks, gen):
+    """Block tables [B, widest + spare_blocks] int32 over a random permutation of a pool of nb blocks (4 unused);
+    unused entries are -1. Returns (tables, nb)."""
+    need = [math.ceil(n / bs) for n in lengths]
+    nb = sum(need) + 4
+    perm = torch.randperm(nb, generator=gen)
+    tables = torch.full((len(lengths), max(need) + spare_blocks), -1, dtype=torch.int32)
+    used = 0
+    for b, n in enumerate(need):
+        tables[b, :n] = perm[used:used + n].int()
+        used += n
+    return tables, nb
+
+
 def _case(lengths, dtype, v_home="pin", spare_blocks=3):
     """Random paged cache with scattered blocks: (q, k_cache, v_cache, block_tables, lengths), k on the GPU.
 
     v_home: "pin" (pinned host), "register" (cudaHostRegister-ed host) or "cuda". Unused table entries are -1.
     """
     gen = torch.Generator().manual_seed(next(_seed))
-    need = [math.ceil(n / BS) for n in lengths]
-    max_blocks = max(need) + spare_blocks
-    nb = sum(need) + 4
-    perm = torch.randperm(nb, generator=gen)
-    tables = torch.full((len(lengths), max_blocks), -1, dtype=torch.int32)
-    used = 0
-    for b, n in enumerate(need):
-        tables[b, :n] = perm[used:used + n].int()
-        used += n
+    tables, nb = _scattered_tables(lengths, BS, spare_blocks, gen)
     k = torch.randn(nb, HKV, BS, D, generator=gen).to(dtype)
     v = torch.randn(nb, HKV, BS, D, generator=gen).to(dtype)
     q = (2 * torch.randn(len(lengths), HKV * G, D, generator=gen)).to(dtype)  # x2: peakier softmax
@@ -132,14 +138,7 @@ def test_the_scan_gives_the_float64_chunk_and_split_scores(g, bs, chunk, fp8):
 
     gen = torch.Generator().manual_seed(next(_seed))
     hkv, d, lengths = 2, 64, [1, 37, 300, 2100]
-    nb = sum(math.ceil(n / bs) for n in lengths) + 3
-    tables = torch.randperm(nb, generator=gen)[:sum(math.ceil(n / bs) for n in lengths)]
-    width = max(math.ceil(n / bs) for n in lengths) + 1
-    table = torch.full((len(lengths), width), -1, dtype=torch.int32)
-    at = 0
-    for b, n in enumerate(lengths):
-        table[b, :math.ceil(n / bs)] = tables[at:at + math.ceil(n / bs)].int()
-        at += math.ceil(n / bs)
+    table, nb = _scattered_tables(lengths, bs, 1, gen)
     k = torch.randn(nb, hkv, bs, d, generator=gen)
     q = 2 * torch.randn(len(lengths), hkv * g, d, generator=gen)
     if fp8:  # bf16 queries against e4m3 K under per-head scales: the scan's tensor-core path
