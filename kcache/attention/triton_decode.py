@@ -7,17 +7,18 @@ Pools (one layer): `[num_blocks, kv_heads, block_size, head_dim]`; slot = block 
 from host memory at PCIe speed where scattered 256-byte rows run at a fixed ~28 M reads/s.
 
 One program handles all G query heads of a KV head, so each K row is read once per step (GQA folded); the
-G rows are padded to 16 for `tl.dot`. The sequence is split so that small batches still fill the GPU; the
-split count depends only on static shapes, so every launch here can be captured in a CUDA graph.
+G rows are padded to 16 for `tl.dot`, and the scan's softmax works on the first 8 of them where G fits
+(_kept_rows). The sequence is split so that small batches still fill the GPU; the split count depends only on
+static shapes, so every launch here can be captured in a CUDA graph.
 
 FP8 pools (float8 e4m3 rows under one float32 scale per KV head, `[Hkv, 1]` per layer, see
 kcache.attention.reference) are dequantised in the arithmetic: a program loads its head's scale once and multiplies
 the logits by K's, the output by V's; that is the reference's dequantise-then-multiply, reassociated. (A scale per
 row cost the scan a small dependent load per tile: a stripped scan over FP8 K ran at 2.4 TB/s with it on the H200,
-3.9 without; benchmarks/results/fp8_scan_probe_h200.json.) With 16-bit queries the e4m3 K tile goes
-into tensor-core dots as it is, against the queries split into exact e4m3 parts (_e4m3_parts); float32 queries take
-the tile converted to float32. The flags KQ / VQ (constexpr) say which pools are FP8, QP how many parts. An FP8 K
-pool may keep NX channels per KV head exact (reference.ExactChannels): their values join each logit as one more
+3.9 without; benchmarks/results/fp8_scan_probe_h200.json.) With 16-bit queries the e4m3 K tile goes into one
+fp16 tensor-core dot (e4m3 and the queries, over a power-of-two row scale, are exact in fp16: _query_operand);
+float32 queries take the tile converted to float32. The flags KQ / VQ (constexpr) say which pools are FP8, F16
+whether the K dots run in fp16. An FP8 K pool may keep NX channels per KV head exact (reference.ExactChannels): their values join each logit as one more
 tensor-core dot of the queries' values there against the tile's, padded to 16 channels (_exact_q).
 
 KCache decode runs five launches (a merge level more for very long contexts):
@@ -49,6 +50,7 @@ from kcache.config import KCacheConfig
 # with FP8 K and V (batch 46): an FP8 tile holds half the bytes, so it wants twice the tokens in flight.
 SCAN_TILE = 128
 FULL_TILE = {2: 64, 4: 64, 1: 128}  # by the K pool's element size
+SCAN_WARPS = 4
 K_STAGES = 3  # the software pipeline's depth over K tiles (scan and full decode)
 BLOCK_L = 1024  # chunks ranked per program (each keeps its local top NP)
 RANK_WARPS = 8  # warps of a rank program: its bitonic top-k trades shuffles against shared-memory rounds
@@ -72,6 +74,8 @@ PROGRAMS_PER_SM = 16
 # programs: 8k, batch 92, N=64 21.9 -> 18.3 ms; N=256 45.4 -> 39.1; 16k, batch 46, N=64 17.9 -> 16.3; 32k, batch 23,
 # N=64 15.6 -> 15.5; N=256 21.7 -> 18.6.
 OVERLAP_SLICES = 2
+LOG2E = tl.constexpr(1 / math.log(2))  # the scan's softmax runs in base 2
+LN2 = tl.constexpr(math.log(2))
 
 
 @functools.lru_cache
@@ -93,15 +97,18 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def _query_split(q: torch.Tensor, k_cache: torch.Tensor) -> int:
-    """e4m3 parts the queries go into the dot as (_e4m3_parts): FP8 K with bf16 queries 2, fp16 3; else 0."""
-    if k_cache.dtype != torch.float8_e4m3fn or q.element_size() != 2:
-        return 0
-    return 2 if q.dtype == torch.bfloat16 else 3
+def _fp16_dots(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
+    """Whether the K dots run in fp16 (_query_operand): FP8 K with 16-bit queries."""
+    return k_cache.dtype == torch.float8_e4m3fn and q.element_size() == 2
 
 
 def _pad_rows(g: int) -> int:
     return max(16, triton.next_power_of_2(g))  # tl.dot needs at least 16 rows
+
+
+def _kept(g: int) -> int:
+    """The rows of the scan's dot its softmax works on (_kept_rows): half of 16 where G fits."""
+    return 8 if _pad_rows(g) == 16 and g <= 8 else _pad_rows(g)
 
 
 @triton.jit
@@ -113,44 +120,26 @@ def _kv_rows(table_row, pos, valid, BS: tl.constexpr, HKV: tl.constexpr, h):
 
 
 @triton.jit
-def _pow2_scale(amax):
-    """Per row, a power of two s with amax / s in [128, 256) (1 where amax is 0): dividing by it is exact."""
+def _pow2_scale(amax, TOP: tl.constexpr):
+    """Per row, a power of two s with amax / s in [TOP, 2 * TOP) (1 where amax is 0 or subnormal): dividing by it
+    is exact."""
     bits = amax.to(tl.int32, bitcast=True) & 0x7F800000
-    return tl.where(amax > 0, bits.to(tl.float32, bitcast=True) * (1.0 / 128), 1.0)
+    return tl.where(bits > 0, bits.to(tl.float32, bitcast=True) * (1.0 / TOP), 1.0)
 
 
 @triton.jit
-def _top4_bits(y):
-    """y float32 truncated to 4 significant bits: e4m3-representable where |y| is in e4m3's normal range. A
-    truncation, not the conversion's rounding, so that the remainder stays below y's last kept bit."""
-    return (y.to(tl.int32, bitcast=True) & -0x100000).to(tl.float32, bitcast=True)  # sign, exponent, 3 bits
-
-
-@triton.jit
-def _e4m3_parts(x, PARTS: tl.constexpr):
-    """x [R, K] float32 as s * (p0 + p1 / 16 + p2 / 256) (p2 = 0 unless PARTS == 3), each p e4m3 and s [R] a power
-    of two per row. Each part holds the next 4 significant bits of x / s, so 2 parts hold a bf16 value and 3 an fp16
-    one, exactly but for elements below ~2^-13 of the row's largest (e4m3 subnormals)."""
-    s = _pow2_scale(tl.max(tl.abs(x), 1))
-    y = x / s[:, None]
-    p0 = _top4_bits(y)
-    y = (y - p0) * 16.0
-    p1 = _top4_bits(y)
-    p2 = y * 0.0
-    if PARTS == 3:
-        p2 = (y - p1) * 16.0
-    return p0.to(tl.float8e4nv), p1.to(tl.float8e4nv), p2.to(tl.float8e4nv), s
-
-
-@triton.jit
-def _query_parts(qv, QP: tl.constexpr):
-    """The queries [BG, D] as _tile_logits takes them: QP e4m3 parts and their row scales, or (with QP = 0) as
-    they are (and ones)."""
-    if QP:
-        q0, q1, q2, qs = _e4m3_parts(qv.to(tl.float32), QP)
+def _query_operand(qv, F16: tl.constexpr):
+    """The queries [BG, D] as the K dot takes them, and their row scales [BG]. F16 (FP8 K, 16-bit queries): fp16 over
+    a power-of-two row scale that puts each row's largest element in [2^14, 2^15), which holds bf16 and fp16 values
+    exactly (fp16 keeps 11 significant bits) but for elements below ~2^-28 of the row's largest; else as they are
+    (and ones)."""
+    if F16:
+        x = qv.to(tl.float32)
+        s = _pow2_scale(tl.max(tl.abs(x), 1), 16384.0)
+        qd = (x / s[:, None]).to(tl.float16)
     else:
-        q0, q1, q2, qs = qv, qv, qv, tl.full([qv.shape[0]], 1.0, tl.float32)
-    return q0, q1, q2, qs
+        qd, s = qv, tl.full([qv.shape[0]], 1.0, tl.float32)
+    return qd, s
 
 
 @triton.jit
@@ -165,37 +154,46 @@ def _exact_q(q, channels, b, h, HKV: tl.constexpr, G: tl.constexpr, D: tl.conste
 
 
 @triton.jit
-def _tile_logits(q0, q1, q2, qs, qx, k_cache, ks, kx, table_row, pos, end, scale, h, HKV: tl.constexpr,
-                 D: tl.constexpr, BS: tl.constexpr, PREC: tl.constexpr, KQ: tl.constexpr, QP: tl.constexpr,
-                 NX: tl.constexpr):
-    """Scaled logits [BG, N] of the queries (_query_parts) at positions pos [N] (-inf from `end` on), their pool rows
-    and validity. KQ: K is FP8 under the head's scale ks. QP > 0 (FP8 K, 16-bit queries): the e4m3 tile
-    goes into QP tensor-core dots with the queries' e4m3 parts as it is (converting it to bf16 first held a stripped
-    scan to 2.3 TB/s on the H200, against 3.9). QP = 0: an FP8 tile goes into the dot as the queries' dtype.
-    NX > 0: the exact channels' values kx [rows, NX] against the queries' there, qx (_exact_q), join the logit."""
+def _kept_rows(x, KEEP: tl.constexpr):
+    """The first KEEP rows of a dot's output [BG, N]: KEEP = BG / 2 when the G queries fit in it (_kept). In the
+    tensor cores' layout row r + 8 of 16 sits in the same thread as row r, so dropping the second half moves no data
+    and halves the work per logit after the dot."""
+    if KEEP < x.shape[0]:
+        x, _ = tl.split(tl.permute(tl.reshape(x, [2, KEEP, x.shape[1]]), [1, 2, 0]))
+    return x
+
+
+@triton.jit
+def _tile_logits(qd, rs, qx, k_cache, kx, table_row, pos, end, scale, h, HKV: tl.constexpr, D: tl.constexpr,
+                 BS: tl.constexpr, PREC: tl.constexpr, KQ: tl.constexpr, F16: tl.constexpr, NX: tl.constexpr,
+                 KEEP: tl.constexpr):
+    """Scaled logits [KEEP, N] of the queries qd (_query_operand) under their row scales rs [KEEP] (the query's,
+    K's head scale and the softmax scale) at positions pos [N] (-inf from `end` on), their pool rows and validity.
+    F16: the e4m3 tile goes into an fp16 dot (exact; on Hopper Triton's e4m3 dots for 16 query rows run as fp16
+    ones too). Else an FP8 tile (KQ) goes into the dot as the queries' dtype. NX > 0: the exact channels' values
+    kx [rows, NX] against the queries' there, qx (_exact_q), join the logit."""
     valid = pos < end
     rows = _kv_rows(table_row, pos, valid, BS, HKV, h)
     d = tl.arange(0, D)
     kt = tl.load(k_cache + rows[:, None] * D + d[None, :], mask=valid[:, None], other=0.0)  # [N, D]
-    if QP:
-        ktt = tl.trans(kt)
-        x = tl.dot(q0, ktt) + tl.dot(q1, ktt) * (1.0 / 16)
-        if QP == 3:
-            x += tl.dot(q2, ktt) * (1.0 / 256)
-        x = x * qs[:, None]
+    if F16:
+        kt = kt.to(tl.float16)
     elif KQ:
-        x = tl.dot(q0, tl.trans(kt.to(q0.dtype)), input_precision=PREC)
-    else:
-        x = tl.dot(q0, tl.trans(kt), input_precision=PREC)
-    if KQ:
-        x = x * (ks * scale)
-    else:
-        x = x * scale
+        kt = kt.to(qd.dtype)
+    x = _kept_rows(tl.dot(qd, tl.trans(kt), input_precision=PREC), KEEP) * rs[:, None]
     if NX:
         r = tl.arange(0, 16)
         xt = tl.load(kx + rows[:, None] * NX + r[None, :], mask=valid[:, None] & (r[None, :] < NX), other=0.0)
-        x += tl.dot(qx, tl.trans(xt), input_precision=PREC) * scale  # [BG, N]
+        x += _kept_rows(tl.dot(qx, tl.trans(xt), input_precision=PREC), KEEP) * scale  # [KEEP, N]
     return tl.where(valid[None, :], x, float("-inf")), rows, valid
+
+
+@triton.jit
+def _row_scales(q, k_scales, scale, b, h, HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, ROWS: tl.constexpr,
+                KQ: tl.constexpr, F16: tl.constexpr):
+    """The first ROWS query rows' logit scales [ROWS] for _tile_logits: query row scale x K's head scale x scale."""
+    qs = _query_operand(_load_q(q, b, h, HKV, G, D, ROWS), F16)[1]
+    return qs * ((tl.load(k_scales + h) * scale) if KQ else scale)
 
 
 @triton.jit
@@ -224,15 +222,16 @@ def _merge_stats(m_in, l_in, bh, S, G: tl.constexpr, BG: tl.constexpr, SP: tl.co
 def _full_split_kernel(
     q, k_cache, v_cache, k_scales, v_scales, k_exact, k_channels, block_tables, lengths, acc_out, m_out, l_out, scale,
     max_blocks, per_split, HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BS: tl.constexpr, BG: tl.constexpr,
-    BLOCK_N: tl.constexpr, PREC: tl.constexpr, KQ: tl.constexpr, VQ: tl.constexpr, QP: tl.constexpr, NX: tl.constexpr,
+    BLOCK_N: tl.constexpr, PREC: tl.constexpr, KQ: tl.constexpr, VQ: tl.constexpr, F16: tl.constexpr, NX: tl.constexpr,
 ):
     """Online-softmax attention of one KV head's G queries over one split: unnormalised acc [G, D], max, sum.
-    With FP8 V and 16-bit queries (QP > 0) the weights go into the dot as fp16, the V tile converted to fp16 (exact
+    With FP8 V and 16-bit queries (F16) the weights go into the dot as fp16, the V tile converted to fp16 (exact
     for e4m3); V's scale multiplies acc at the end."""
     b, h, s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     S = tl.num_programs(2)
     qv = _load_q(q, b, h, HKV, G, D, BG)  # [BG, D]
-    q0, q1, q2, qs = _query_parts(qv, QP)
+    qd = _query_operand(qv, F16)[0]
+    rs = _row_scales(q, k_scales, scale, b, h, HKV, G, D, BG, KQ, F16)
     qx = _exact_q(q, k_channels, b, h, HKV, G, D, BG, NX) if NX else qv
     table_row = block_tables + b * max_blocks
     d = tl.arange(0, D)
@@ -241,17 +240,16 @@ def _full_split_kernel(
     m = tl.full([BG], float("-inf"), tl.float32)
     l = tl.zeros([BG], tl.float32)
     acc = tl.zeros([BG, D], tl.float32)
-    ks = tl.load(k_scales + h) if KQ else 1.0
     for t in range(start, end, BLOCK_N):  # every tile holds a valid token, so m stays finite after it
         pos = t + tl.arange(0, BLOCK_N)
-        x, rows, valid = _tile_logits(q0, q1, q2, qs, qx, k_cache, ks, k_exact, table_row, pos, end, scale, h, HKV, D,
-                                      BS, PREC, KQ, QP, NX)
+        x, rows, valid = _tile_logits(qd, rs, qx, k_cache, k_exact, table_row, pos, end, scale, h, HKV, D, BS, PREC,
+                                      KQ, F16, NX, BG)
         vt = tl.load(v_cache + rows[:, None] * D + d[None, :], mask=valid[:, None], other=0.0)
         m_new = tl.maximum(m, tl.max(x, 1))
         alpha = tl.exp(m - m_new)
         p = tl.exp(x - m_new[:, None])
         l = l * alpha + tl.sum(p, 1)
-        if VQ and QP:
+        if VQ and F16:
             pv = tl.dot(p.to(tl.float16), vt.to(tl.float16))
         elif VQ:
             pv = tl.dot(p.to(qv.dtype), vt.to(qv.dtype), input_precision=PREC)
@@ -286,38 +284,43 @@ def _full_reduce_kernel(acc_in, m_in, l_in, out, S, D: tl.constexpr, SP: tl.cons
 def _scores_kernel(
     q, k_cache, k_scales, k_exact, k_channels, block_tables, lengths, chunk_lse, m_out, l_out, scale, max_blocks,
     per_split, LC, HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BS: tl.constexpr, BG: tl.constexpr,
-    BLOCK_N: tl.constexpr, C: tl.constexpr, PREC: tl.constexpr, KQ: tl.constexpr, QP: tl.constexpr, NX: tl.constexpr,
+    KEEP: tl.constexpr, BLOCK_N: tl.constexpr, C: tl.constexpr, PREC: tl.constexpr, KQ: tl.constexpr,
+    F16: tl.constexpr, NX: tl.constexpr,
 ):
     """One KV head's G queries over one split: each chunk of C tokens' log-sum-exp of the scaled logits into
-    chunk_lse [B, Hkv, G, LC] (-inf where no token is valid), plus the split's max / sum-exp."""
+    chunk_lse [B, Hkv, G, LC] (-inf where no token is valid), plus the split's max / sum-exp. The softmax runs in
+    base 2 (the scale times log2(e), so exp2 and log2 are single instructions) on the dot's first KEEP rows
+    (_kept_rows); what it stores is in base e."""
     b, h, s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     S = tl.num_programs(2)
     qv = _load_q(q, b, h, HKV, G, D, BG)  # [BG, D]
-    g = tl.arange(0, BG)
+    qd = _query_operand(qv, F16)[0]
+    scale2 = scale * LOG2E
+    rs = _row_scales(q, k_scales, scale2, b, h, HKV, G, D, KEEP, KQ, F16)  # [KEEP]
+    qx = _exact_q(q, k_channels, b, h, HKV, G, D, BG, NX) if NX else qv
+    g = tl.arange(0, KEEP)
     head = (b * HKV + h) * G + g
     start = s * per_split  # a multiple of the tile, so chunks never straddle two programs
     end = tl.minimum(start + per_split, tl.load(lengths + b))
-    m = tl.full([BG], float("-inf"), tl.float32)
-    l = tl.zeros([BG], tl.float32)
-    q0, q1, q2, qs = _query_parts(qv, QP)
-    qx = _exact_q(q, k_channels, b, h, HKV, G, D, BG, NX) if NX else qv
+    m = tl.full([KEEP], float("-inf"), tl.float32)
+    l = tl.zeros([KEEP], tl.float32)
     table_row = block_tables + b * max_blocks
-    ks = tl.load(k_scales + h) if KQ else 1.0
     for t in range(start, end, BLOCK_N):
         pos = t + tl.arange(0, BLOCK_N)
-        x, _, _ = _tile_logits(q0, q1, q2, qs, qx, k_cache, ks, k_exact, table_row, pos, end, scale, h, HKV, D, BS,
-                               PREC, KQ, QP, NX)
+        x = _tile_logits(qd, rs, qx, k_cache, k_exact, table_row, pos, end, scale2, h, HKV, D, BS, PREC, KQ, F16, NX,
+                         KEEP)[0]  # [KEEP, BLOCK_N], base 2
         m_new = tl.maximum(m, tl.max(x, 1))
-        p = tl.exp(x - m_new[:, None])  # [BG, BLOCK_N], shared by the split's sum and the chunks' sums
-        l = l * tl.exp(m - m_new) + tl.sum(p, 1)
+        p = tl.exp2(x - m_new[:, None])  # shared by the split's sum and the chunks' sums
+        l = l * tl.exp2(m - m_new) + tl.sum(p, 1)
         m = m_new
         if C == 1:
             lse = x
-        else:  # a chunk's log-sum-exp relative to the tile's max; a chunk far below it (mass < e^-87) gets -inf
-            lse = m_new[:, None] + tl.log(tl.sum(tl.reshape(p, [BG, BLOCK_N // C, C]), 2))  # [BG, BLOCK_N // C]
+        else:  # a chunk's log-sum-exp relative to the tile's max; a chunk far below it (mass < 2^-126) gets -inf
+            lse = m_new[:, None] + tl.log2(tl.sum(tl.reshape(p, [KEEP, BLOCK_N // C, C]), 2))  # [KEEP, BLOCK_N // C]
         ci = t // C + tl.arange(0, BLOCK_N // C)
-        tl.store(chunk_lse + head[:, None] * LC + ci[None, :], lse, mask=(g[:, None] < G) & (ci[None, :] * C < end))
-    tl.store(m_out + head * S + s, m, mask=g < G)
+        tl.store(chunk_lse + head[:, None] * LC + ci[None, :], lse * LN2,
+                 mask=(g[:, None] < G) & (ci[None, :] * C < end))
+    tl.store(m_out + head * S + s, m * LN2, mask=g < G)
     tl.store(l_out + head * S + s, l, mask=g < G)
 
 
@@ -404,7 +407,7 @@ def _gather_kernel(
     rows_read, scale, max_blocks, S, n, HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BS: tl.constexpr,
     BG: tl.constexpr, SP: tl.constexpr, NP: tl.constexpr, C: tl.constexpr, TILE: tl.constexpr, GROUP: tl.constexpr,
     RENORM: tl.constexpr, PREC: tl.constexpr, KQ: tl.constexpr, VQ: tl.constexpr, SPLIT: tl.constexpr,
-    QP: tl.constexpr, NX: tl.constexpr,
+    F16: tl.constexpr, NX: tl.constexpr,
 ):
     """Weighted sum over one selection's chunks, their V rows staged on the device by _stage_kernel.
 
@@ -422,7 +425,8 @@ def _gather_kernel(
     top, z = _merge_stats(m_in, l_in, bh, S, G, BG, SP)
     length = tl.load(lengths + b)
     qv = _load_q(q, b, h, HKV, G, D, BG)
-    q0, q1, q2, qs = _query_parts(qv, QP)
+    qd = _query_operand(qv, F16)[0]
+    rs = _row_scales(q, k_scales, scale, b, h, HKV, G, D, BG, KQ, F16)
     qx = _exact_q(q, k_channels, b, h, HKV, G, D, BG, NX) if NX else qv
     table_row = block_tables + b * max_blocks
     g = tl.arange(0, BG)
@@ -433,14 +437,13 @@ def _gather_kernel(
     acc = tl.zeros([BG, D], tl.float32)
     kept = tl.zeros([BG], tl.float32)
     read = 0
-    ks = tl.load(k_scales + h) if KQ else 1.0
     for c0 in range(0, n, TILE):
         j = c0 + r // C  # [TILE * C] which selected chunk each row belongs to
         key = tl.load(keys + (bh * tl.num_programs(2) + sel) * NP + j, mask=j < n, other=-1)
         chunk = key.to(tl.int32)  # truncation keeps the low 32 bits; -1 stays -1
         pos = tl.where(chunk >= 0, chunk * C + r % C, length)  # no chunk: a position past the sequence
-        x, _, valid = _tile_logits(q0, q1, q2, qs, qx, k_cache, ks, k_exact, table_row, pos, length, scale, h, HKV,
-                                   D, BS, PREC, KQ, QP, NX)
+        x, _, valid = _tile_logits(qd, rs, qx, k_cache, k_exact, table_row, pos, length, scale, h, HKV, D, BS, PREC,
+                                   KQ, F16, NX, BG)
         w = tl.exp(tl.where(mine[:, None], x, float("-inf")) - top[:, None]) / z[:, None]  # [BG, TILE * C]
         v = tl.load(staged + (base + c0 * C + r)[:, None] * D + d[None, :], mask=valid[:, None], other=0.0)
         if SPLIT:
@@ -496,7 +499,7 @@ def full_decode(q, k_cache, v_cache, block_tables, lengths, scale=None, k_scales
         q, k_cache, v_cache, _scales_arg(k_scales, k_cache), _scales_arg(v_scales, v_cache), kx, kc, block_tables,
         lengths, acc, m, l, scale, block_tables.shape[1], per_split, HKV=Hkv, G=G, D=D, BS=bs, BG=_pad_rows(G),
         BLOCK_N=tile, PREC=_dot_precision(q.dtype), KQ=k_scales is not None, VQ=v_scales is not None,
-        QP=_query_split(q, k_cache), NX=nx, num_warps=4, num_stages=K_STAGES,
+        F16=_fp16_dots(q, k_cache), NX=nx, num_warps=4, num_stages=K_STAGES,
     )
     out = torch.empty_like(q)
     _full_reduce_kernel[(B * H,)](acc, m, l, out, S, D=D, SP=triton.next_power_of_2(S), num_warps=4)
@@ -515,9 +518,9 @@ def chunk_scores(q, k_cache, block_tables, lengths, chunk_tokens: int, scale: fl
     kx, kc, nx = _exact_args(k_exact, k_cache)
     _scores_kernel[(B, Hkv, S)](
         q, k_cache, _scales_arg(k_scales, k_cache), kx, kc, block_tables, lengths, lse, m, l, scale,
-        block_tables.shape[1], per_split, LC, HKV=Hkv, G=G, D=D, BS=bs, BG=_pad_rows(G), BLOCK_N=SCAN_TILE,
-        C=chunk_tokens, PREC=_dot_precision(q.dtype), KQ=k_scales is not None, QP=_query_split(q, k_cache), NX=nx,
-        num_warps=4, num_stages=K_STAGES,
+        block_tables.shape[1], per_split, LC, HKV=Hkv, G=G, D=D, BS=bs, BG=_pad_rows(G), KEEP=_kept(G),
+        BLOCK_N=SCAN_TILE, C=chunk_tokens, PREC=_dot_precision(q.dtype), KQ=k_scales is not None,
+        F16=_fp16_dots(q, k_cache), NX=nx, num_warps=SCAN_WARPS, num_stages=K_STAGES,
     )
     return lse, m, l
 
@@ -583,7 +586,7 @@ def weighted_sum(keys, q, k_cache, m, l, staged, block_tables, lengths, cfg: KCa
         G=G, D=D, BS=bs, BG=_pad_rows(G), SP=triton.next_power_of_2(m.shape[-1]), NP=NP, C=c,
         TILE=max(1, min(NP, GATHER_ROWS // c)), GROUP=cfg.selection == "group", RENORM=cfg.renormalize,
         PREC=_dot_precision(q.dtype), KQ=k_scales is not None, VQ=v_scales is not None,
-        SPLIT=SPLIT_WEIGHTS and q.element_size() == 2, QP=_query_split(q, k_cache), NX=nx, num_warps=GATHER_WARPS,
+        SPLIT=SPLIT_WEIGHTS and q.element_size() == 2, F16=_fp16_dots(q, k_cache), NX=nx, num_warps=GATHER_WARPS,
     )
     return out, mass, rows.sum((1, 2), dtype=torch.int32)
 
