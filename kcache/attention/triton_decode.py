@@ -45,9 +45,11 @@ import triton.language as tl
 from kcache.config import KCacheConfig
 
 # Tokens per K tile, from the lent H200 (32k tokens, ms per layer; benchmarks/results/tile_probe_h200.json): the
-# KCache scan 0.41 at 128 against 0.49 at 64 and 0.46 at 256 (batch 23, bf16), with FP8 K 0.75 against 1.23 and 0.86
-# (batch 46); the full decode 0.23 at 64 against 0.28 at 128 in bf16 (batch 11), but 1.38 at 128 against 2.16 at 64
-# with FP8 K and V (batch 46): an FP8 tile holds half the bytes, so it wants twice the tokens in flight.
+# KCache scan 0.41 at 128 against 0.49 at 64 and 0.46 at 256 (batch 23, bf16); the full decode 0.23 at 64 against
+# 0.28 at 128 in bf16 (batch 11), but 1.38 at 128 against 2.16 at 64 with FP8 K and V (batch 46): an FP8 tile holds
+# half the bytes, so it wants twice the tokens in flight. The scan's launch at 0f2876a (kernel_ab_h200.json): FP8 K at
+# batch 46 0.439 with 128 tokens, 4 warps, 3 stages, within 1% of the best of 12 launches (0.435, 2 warps), 0.674 at
+# 64 tokens; bf16 at batch 23 0.379 (best 0.374 at 256).
 SCAN_TILE = 128
 FULL_TILE = {2: 64, 4: 64, 1: 128}  # by the K pool's element size
 SCAN_WARPS = 4
