@@ -12,7 +12,8 @@ import torch
 
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
-NEEDS_TRITON = {"host_pool_probe", "attention_microbench", "kcache_step_probe", "tile_probe", "fp8_scan_probe"}
+NEEDS_TRITON = {"host_pool_probe", "attention_microbench", "kcache_step_probe", "tile_probe", "fp8_scan_probe",
+                "kernel_ab", "compile_sm90"}
 SCRIPTS = sorted(p.stem for p in BENCHMARKS.glob("*.py"))
 
 
@@ -76,3 +77,15 @@ def test_fp8_scale_probe_quantises_whole_blocks_and_measures_kl():
     q = torch.randn(2 * p.BLOCK, 4, 8, generator=g)
     assert torch.allclose(p.causal_kl(q, k, k), torch.zeros(2, dtype=torch.float64))
     assert (p.causal_kl(q, k, p.quantize_blocks(k)) > 0).all()
+
+
+def test_compile_sm90_shows_the_fp8_scan_in_as_many_tensor_core_ops_as_the_bf16_one():
+    """The offline sm_90 compile reports registers and instruction counts; the FP8 scan's e4m3 tile goes into one
+    fp16 dot, so its loop holds the bf16 scan's HMMA count (two e4m3 query parts had doubled it)."""
+    tool = load("compile_sm90")
+    counts = {}
+    for name in ("scan fp8e4nv", "scan bf16"):
+        fn, signature, constexprs, warps, stages = tool.kernels()[name]
+        counts[name] = tool.summary(tool.compile_sm90(fn, signature, constexprs, warps, stages))
+    assert all(c["registers"] > 0 and c["HMMA"] > 0 for c in counts.values())
+    assert counts["scan fp8e4nv"]["HMMA"] == counts["scan bf16"]["HMMA"]
