@@ -47,7 +47,9 @@ def summary(kernel) -> dict:
                                text=True, check=True).stdout
         sass = subprocess.run([f"{TOOLS}/nvdisasm", "-c", f.name], capture_output=True, text=True, check=True).stdout
     ops = [line for line in sass.splitlines() if re.match(r"\s+/\*[0-9a-f]{4}\*/", line)]
-    row = {"registers": int(re.search(r"REG:(\d+)", usage).group(1)), "instructions": len(ops)}
+    buffers = re.findall(r"memdesc<(\d+)x\d+x\d+xf8E4M3FN|memdesc<(\d+)x\d+x\d+xbf16", kernel.asm["ttgir"])
+    row = {"registers": int(re.search(r"REG:(\d+)", usage).group(1)), "instructions": len(ops),
+           "K buffers": max((int(a or b) for a, b in buffers), default=0)}
     row.update({name: sum(bool(re.search(p, line)) for line in ops) for name, p in COUNTED.items()})
     return row
 
@@ -62,8 +64,10 @@ def kernels() -> dict:
                  "k_channels": f"*{kdt}", "block_tables": "*i32", "lengths": "*i32"}
         scan = {**pools, "chunk_lse": "*fp32", "m_out": "*fp32", "l_out": "*fp32", "scale": "fp32",
                 "max_blocks": "i32", "per_split": "i32", "LC": "i32"}
+        per_split = 5504  # a split's tokens at 32k and batch 46 on 132 SMs (triton_decode._split)
         out[f"scan {kdt}"] = (td._scores_kernel, scan, dict(shapes, KEEP=td._kept(4), BLOCK_N=td.SCAN_TILE, C=8,
-                                                             KQ=fp8, F16=fp8), td.SCAN_WARPS, td.K_STAGES)
+                                                             KQ=fp8, F16=fp8, PAGES=td._scan_pages(per_split, 16)),
+                              td.SCAN_WARPS, td.K_STAGES)
         full = {**pools, "v_cache": f"*{kdt}", "v_scales": "*fp32", "acc_out": "*fp32", "m_out": "*fp32",
                 "l_out": "*fp32", "scale": "fp32", "max_blocks": "i32", "per_split": "i32"}
         full = {n: full[n] for n in td._full_split_kernel.arg_names if n in full}
@@ -76,7 +80,9 @@ def kernels() -> dict:
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dump", help="also write each kernel's TTGIR and PTX here")
+    parser.add_argument("--table-in-registers", action="store_true", help="the scan with SCAN_TABLE_IN_REGISTERS")
     args = parser.parse_args()
+    td.SCAN_TABLE_IN_REGISTERS = args.table_in_registers or td.SCAN_TABLE_IN_REGISTERS
     for name, (fn, signature, constexprs, warps, stages) in kernels().items():
         kernel = compile_sm90(fn, signature, constexprs, warps, stages)
         print(name, summary(kernel), flush=True)

@@ -1,8 +1,9 @@
 """Two versions of the decode kernels side by side: the K scan (`chunk_scores`, chunks of 8) and the full decode,
 an earlier kcache/attention/triton_decode.py against the working tree's, then the working tree's scan by launch
-constants (tile, warps, pipeline stages). Four layers of Llama-3.1-8B shapes at 32k tokens (the last tile ragged),
-block tables a random permutation, bf16 queries; ms per layer. FP8 K at batch 46 and bf16 at 23 (the same bytes),
-the full decode at FullKV's batches (FP8 K and V at 23, bf16 at 11).
+constants (tile, warps, pipeline stages), and with its block table in registers (SCAN_TABLE_IN_REGISTERS). Four
+layers of Llama-3.1-8B shapes at 32k tokens (the last tile ragged), block tables a random permutation, bf16
+queries; ms per layer. FP8 K at batch 46 and bf16 at 23 (the same bytes), the full decode at FullKV's batches (FP8
+K and V at 23, bf16 at 11).
 
     git show d83d8c5:kcache/attention/triton_decode.py > /tmp/old.py
     python benchmarks/kernel_ab.py /tmp/old.py   # writes $OUT/kernel_ab.json when OUT is set
@@ -22,6 +23,7 @@ from kcache.attention import triton_decode as td
 LAYERS, HQ, HKV, D, BS, CONTEXT = 4, 32, 8, 128, 16, 32768
 LAUNCHES = [(128, 4, 3), (128, 4, 2), (128, 4, 4), (256, 4, 3), (256, 8, 3), (128, 8, 3), (64, 4, 3), (64, 2, 3),
             (128, 2, 3), (32, 2, 3), (32, 1, 3), (64, 1, 3)]  # (SCAN_TILE, SCAN_WARPS, K_STAGES)
+TABLE_LAUNCHES = [(128, 4, 3), (128, 4, 4), (256, 4, 3), (64, 4, 4)]  # with SCAN_TABLE_IN_REGISTERS
 
 
 def load_module(path: str):
@@ -72,6 +74,12 @@ def main():
             td.SCAN_TILE, td.SCAN_WARPS, td.K_STAGES = tile, warps, stages
             emit(kernel="scan", k=dtype, batch=batch, version="this", tile=tile, warps=warps, stages=stages,
                  ms=per_layer_ms(lambda l: td.chunk_scores(q, k[l], tables, lens, 8, scale, at(ks, l))))
+        td.SCAN_TABLE_IN_REGISTERS = True
+        for tile, warps, stages in TABLE_LAUNCHES:
+            td.SCAN_TILE, td.SCAN_WARPS, td.K_STAGES = tile, warps, stages
+            emit(kernel="scan", k=dtype, batch=batch, version="this", table="in registers", tile=tile, warps=warps,
+                 stages=stages, ms=per_layer_ms(lambda l: td.chunk_scores(q, k[l], tables, lens, 8, scale, at(ks, l))))
+        td.SCAN_TABLE_IN_REGISTERS = False
         td.SCAN_TILE, td.SCAN_WARPS, td.K_STAGES = default
         del q, k, ks
         torch.cuda.empty_cache()

@@ -128,14 +128,17 @@ def test_top_n_covering_the_length_is_full_attention(selection, chunk):
     assert torch.allclose(mass, torch.ones_like(mass), atol=1e-5)
 
 
+@pytest.mark.parametrize("table_in_registers", [False, True])
 @pytest.mark.parametrize("fp8", [False, True])
 @pytest.mark.parametrize("g,bs,chunk", [(1, 16, 1), (3, 16, 1), (3, 16, 16), (4, 16, 1), (4, 16, 2), (4, 16, 8),
                                         (4, 4, 4), (4, 2, 2), (8, 16, 4), (16, 16, 1)])
-def test_the_scan_gives_the_float64_chunk_and_split_scores(g, bs, chunk, fp8):
+def test_the_scan_gives_the_float64_chunk_and_split_scores(monkeypatch, g, bs, chunk, fp8, table_in_registers):
     """Every group size (padded to a dot's 16 rows), block size and chunk, with float32 K or e4m3 K against bf16
-    queries: float64's chunk log-sum-exps, and split stats that combine into the total."""
+    queries, each tile's blocks looked up in the table or gathered from the split's loaded once: float64's chunk
+    log-sum-exps, and split stats that combine into the total."""
     from kcache.attention.reference import quantize, dequantize
 
+    monkeypatch.setattr(td, "SCAN_TABLE_IN_REGISTERS", table_in_registers)
     gen = torch.Generator().manual_seed(next(_seed))
     hkv, d, lengths = 2, 64, [1, 37, 300, 2100]
     table, nb = _scattered_tables(lengths, bs, 1, gen)

@@ -18,8 +18,9 @@ row cost the scan a small dependent load per tile: a stripped scan over FP8 K ra
 3.9 without; benchmarks/results/fp8_scan_probe_h200.json.) With 16-bit queries the e4m3 K tile goes into one
 fp16 tensor-core dot (e4m3 and the queries, over a power-of-two row scale, are exact in fp16: _query_operand);
 float32 queries take the tile converted to float32. The flags KQ / VQ (constexpr) say which pools are FP8, F16
-whether the K dots run in fp16. An FP8 K pool may keep NX channels per KV head exact (reference.ExactChannels): their values join each logit as one more
-tensor-core dot of the queries' values there against the tile's, padded to 16 channels (_exact_q).
+whether the K dots run in fp16. An FP8 K pool may keep NX channels per KV head exact (reference.ExactChannels):
+their values join each logit as one more tensor-core dot of the queries' values there against the tile's, padded to
+16 channels (_exact_q).
 
 KCache decode runs five launches (a merge level more for very long contexts):
   scores  K tiles -> each chunk's log-sum-exp of scaled logits [B, Hkv, G, L/c] + per-split (max, sum-exp), so the
@@ -53,6 +54,11 @@ from kcache.config import KCacheConfig
 SCAN_TILE = 128
 FULL_TILE = {2: 64, 4: 64, 1: 128}  # by the K pool's element size
 SCAN_WARPS = 4
+# The scan's block-table entries for a whole split loaded before its loop, each tile's gathered from them, instead of
+# loaded per tile: a K load indexed by a load in the same loop gets one pipeline stage from Triton (one K buffer, the
+# next tile's copy issued after this tile's math); indexed by registers it gets K_STAGES - 1 (compiled for sm_90:
+# benchmarks/compile_sm90.py). Not yet timed on a GPU, so off.
+SCAN_TABLE_IN_REGISTERS = False
 K_STAGES = 3  # the software pipeline's depth over K tiles (scan and full decode)
 BLOCK_L = 1024  # chunks ranked per program (each keeps its local top NP)
 RANK_WARPS = 8  # warps of a rank program: its bitonic top-k trades shuffles against shared-memory rounds
@@ -176,6 +182,13 @@ def _tile_logits(qd, rs, qx, k_cache, kx, table_row, pos, end, scale, h, HKV: tl
     kx [rows, NX] against the queries' there, qx (_exact_q), join the logit."""
     valid = pos < end
     rows = _kv_rows(table_row, pos, valid, BS, HKV, h)
+    return _logits_at(qd, rs, qx, k_cache, kx, rows, valid, scale, D, PREC, KQ, F16, NX, KEEP), rows, valid
+
+
+@triton.jit
+def _logits_at(qd, rs, qx, k_cache, kx, rows, valid, scale, D: tl.constexpr, PREC: tl.constexpr, KQ: tl.constexpr,
+               F16: tl.constexpr, NX: tl.constexpr, KEEP: tl.constexpr):
+    """_tile_logits at the pool rows [N] of the positions, -inf where not valid."""
     d = tl.arange(0, D)
     kt = tl.load(k_cache + rows[:, None] * D + d[None, :], mask=valid[:, None], other=0.0)  # [N, D]
     if F16:
@@ -187,7 +200,7 @@ def _tile_logits(qd, rs, qx, k_cache, kx, table_row, pos, end, scale, h, HKV: tl
         r = tl.arange(0, 16)
         xt = tl.load(kx + rows[:, None] * NX + r[None, :], mask=valid[:, None] & (r[None, :] < NX), other=0.0)
         x += _kept_rows(tl.dot(qx, tl.trans(xt), input_precision=PREC), KEEP) * scale  # [KEEP, N]
-    return tl.where(valid[None, :], x, float("-inf")), rows, valid
+    return tl.where(valid[None, :], x, float("-inf"))
 
 
 @triton.jit
@@ -287,12 +300,13 @@ def _scores_kernel(
     q, k_cache, k_scales, k_exact, k_channels, block_tables, lengths, chunk_lse, m_out, l_out, scale, max_blocks,
     per_split, LC, HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BS: tl.constexpr, BG: tl.constexpr,
     KEEP: tl.constexpr, BLOCK_N: tl.constexpr, C: tl.constexpr, PREC: tl.constexpr, KQ: tl.constexpr,
-    F16: tl.constexpr, NX: tl.constexpr,
+    F16: tl.constexpr, NX: tl.constexpr, PAGES: tl.constexpr,
 ):
     """One KV head's G queries over one split: each chunk of C tokens' log-sum-exp of the scaled logits into
     chunk_lse [B, Hkv, G, LC] (-inf where no token is valid), plus the split's max / sum-exp. The softmax runs in
     base 2 (the scale times log2(e), so exp2 and log2 are single instructions) on the dot's first KEEP rows
-    (_kept_rows); what it stores is in base e."""
+    (_kept_rows); what it stores is in base e. PAGES > 0: the split's (at most PAGES) block-table entries are loaded
+    once before the loop and each tile's are gathered from them (SCAN_TABLE_IN_REGISTERS)."""
     b, h, s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     S = tl.num_programs(2)
     qv = _load_q(q, b, h, HKV, G, D, BG)  # [BG, D]
@@ -307,10 +321,18 @@ def _scores_kernel(
     m = tl.full([KEEP], float("-inf"), tl.float32)
     l = tl.zeros([KEEP], tl.float32)
     table_row = block_tables + b * max_blocks
+    if PAGES:
+        j = start // BS + tl.arange(0, PAGES)
+        pages = tl.load(table_row + j, mask=j * BS < end, other=0)  # [PAGES]
     for t in range(start, end, BLOCK_N):
         pos = t + tl.arange(0, BLOCK_N)
-        x = _tile_logits(qd, rs, qx, k_cache, k_exact, table_row, pos, end, scale2, h, HKV, D, BS, PREC, KQ, F16, NX,
-                         KEEP)[0]  # [KEEP, BLOCK_N], base 2
+        if PAGES:
+            valid = pos < end
+            rows = (tl.gather(pages, pos // BS - start // BS, 0).to(tl.int64) * HKV + h) * BS + pos % BS
+            x = _logits_at(qd, rs, qx, k_cache, k_exact, rows, valid, scale2, D, PREC, KQ, F16, NX, KEEP)
+        else:
+            x = _tile_logits(qd, rs, qx, k_cache, k_exact, table_row, pos, end, scale2, h, HKV, D, BS, PREC, KQ, F16,
+                             NX, KEEP)[0]  # [KEEP, BLOCK_N], base 2
         m_new = tl.maximum(m, tl.max(x, 1))
         p = tl.exp2(x - m_new[:, None])  # shared by the split's sum and the chunks' sums
         l = l * tl.exp2(m - m_new) + tl.sum(p, 1)
@@ -522,9 +544,17 @@ def chunk_scores(q, k_cache, block_tables, lengths, chunk_tokens: int, scale: fl
         q, k_cache, _scales_arg(k_scales, k_cache), kx, kc, block_tables, lengths, lse, m, l, scale,
         block_tables.shape[1], per_split, LC, HKV=Hkv, G=G, D=D, BS=bs, BG=_pad_rows(G), KEEP=_kept(G),
         BLOCK_N=SCAN_TILE, C=chunk_tokens, PREC=_dot_precision(q.dtype), KQ=k_scales is not None,
-        F16=_fp16_dots(q, k_cache), NX=nx, num_warps=SCAN_WARPS, num_stages=K_STAGES,
+        F16=_fp16_dots(q, k_cache), NX=nx, PAGES=_scan_pages(per_split, bs), num_warps=SCAN_WARPS,
+        num_stages=K_STAGES,
     )
     return lse, m, l
+
+
+def _scan_pages(per_split: int, block_size: int) -> int:
+    """The scan's PAGES: the block-table entries a split can touch, as a power of two, with SCAN_TABLE_IN_REGISTERS
+    and up to 1024 of them (a few registers a thread); else 0 (each tile's looked up in the table)."""
+    pages = triton.next_power_of_2(per_split // block_size + 1)
+    return pages if SCAN_TABLE_IN_REGISTERS and pages <= 1024 else 0
 
 
 def select_chunks(lse, m, l, lengths, cfg: KCacheConfig):
