@@ -1,9 +1,9 @@
 """Two versions of the decode kernels side by side: the K scan (`chunk_scores`, chunks of 8) and the full decode,
-an earlier kcache/attention/triton_decode.py against the working tree's, then the working tree's scan by launch
-constants (tile, warps, pipeline stages), and with its block table in registers (SCAN_TABLE_IN_REGISTERS). Four
-layers of Llama-3.1-8B shapes at 32k tokens (the last tile ragged), block tables a random permutation, bf16
-queries; ms per layer. FP8 K at batch 46 and bf16 at 23 (the same bytes), the full decode at FullKV's batches (FP8
-K and V at 23, bf16 at 11).
+an earlier kcache/attention/triton_decode.py against the working tree's; then the working tree's scan by launch
+constants (tile, warps, pipeline stages) and with its block table in registers (SCAN_TABLE_IN_REGISTERS), and its
+full decode by tile and warps. Four layers of Llama-3.1-8B shapes at 32k tokens (the last tile ragged), block tables
+a random permutation, bf16 queries; ms per layer. FP8 K at batch 46 and bf16 at 23 (the same bytes), the full decode
+at FullKV's batches (FP8 K and V at 23, bf16 at 11).
 
     git show d83d8c5:kcache/attention/triton_decode.py > /tmp/old.py
     python benchmarks/kernel_ab.py /tmp/old.py   # writes $OUT/kernel_ab.json when OUT is set
@@ -24,6 +24,7 @@ LAYERS, HQ, HKV, D, BS, CONTEXT = 4, 32, 8, 128, 16, 32768
 LAUNCHES = [(128, 4, 3), (128, 4, 2), (128, 4, 4), (256, 4, 3), (256, 8, 3), (128, 8, 3), (64, 4, 3), (64, 2, 3),
             (128, 2, 3), (32, 2, 3), (32, 1, 3), (64, 1, 3)]  # (SCAN_TILE, SCAN_WARPS, K_STAGES)
 TABLE_LAUNCHES = [(128, 4, 3), (128, 4, 4), (256, 4, 3), (64, 4, 4)]  # with SCAN_TABLE_IN_REGISTERS
+FULL_LAUNCHES = [(128, 4), (128, 8), (64, 4), (64, 8)]  # (FULL_TILE, FULL_WARPS) of the full decode
 
 
 def load_module(path: str):
@@ -85,9 +86,19 @@ def main():
         torch.cuda.empty_cache()
     for batch, fp8 in ((23, True), (11, False)):
         q, k, ks, v, vs, tables, lens = pools(batch, fp8, True)
+
+        def full(module, l):
+            return module.full_decode(q, k[l], v[l], tables, lens, scale, at(ks, l), at(vs, l))
+
         for version, module in (("earlier", earlier), ("this", td)):
-            emit(kernel="full", k="fp8" if fp8 else "bf16", batch=batch, version=version, ms=per_layer_ms(
-                lambda l: module.full_decode(q, k[l], v[l], tables, lens, scale, at(ks, l), at(vs, l))))
+            emit(kernel="full", k="fp8" if fp8 else "bf16", batch=batch, version=version,
+                 ms=per_layer_ms(lambda l: full(module, l)))
+        default = dict(td.FULL_TILE), td.FULL_WARPS
+        for tile, warps in FULL_LAUNCHES:
+            td.FULL_TILE, td.FULL_WARPS = {size: tile for size in td.FULL_TILE}, warps
+            emit(kernel="full", k="fp8" if fp8 else "bf16", batch=batch, version="this", tile=tile, warps=warps,
+                 ms=per_layer_ms(lambda l: full(td, l)))
+        td.FULL_TILE, td.FULL_WARPS = default
         del q, k, ks, v, vs
         torch.cuda.empty_cache()
     if os.environ.get("OUT"):

@@ -53,6 +53,7 @@ from kcache.config import KCacheConfig
 # 64 tokens; bf16 at batch 23 0.379 (best 0.374 at 256).
 SCAN_TILE = 128
 FULL_TILE = {2: 64, 4: 64, 1: 128}  # by the K pool's element size
+FULL_WARPS = 4  # the FP8 full decode compiles to 255 registers at 4 (199 at 8); kernel_ab.py times both
 SCAN_WARPS = 4
 # The scan's block-table entries for a whole split loaded before its loop, each tile's gathered from them, instead of
 # loaded per tile: a K load indexed by a load in the same loop gets one pipeline stage from Triton (one K buffer, the
@@ -523,7 +524,7 @@ def full_decode(q, k_cache, v_cache, block_tables, lengths, scale=None, k_scales
         q, k_cache, v_cache, _scales_arg(k_scales, k_cache), _scales_arg(v_scales, v_cache), kx, kc, block_tables,
         lengths, acc, m, l, scale, block_tables.shape[1], per_split, HKV=Hkv, G=G, D=D, BS=bs, BG=_pad_rows(G),
         BLOCK_N=tile, PREC=_dot_precision(q.dtype), KQ=k_scales is not None, VQ=v_scales is not None,
-        F16=_fp16_dots(q, k_cache), NX=nx, num_warps=4, num_stages=K_STAGES,
+        F16=_fp16_dots(q, k_cache), NX=nx, num_warps=FULL_WARPS, num_stages=K_STAGES,
     )
     out = torch.empty_like(q)
     _full_reduce_kernel[(B * H,)](acc, m, l, out, S, D=D, SP=triton.next_power_of_2(S), num_warps=4)
