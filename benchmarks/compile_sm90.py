@@ -73,7 +73,7 @@ def kernels() -> dict:
         full = {n: full[n] for n in td._full_split_kernel.arg_names if n in full}
         tile = td.FULL_TILE[1 if fp8 else 2]
         out[f"full {kdt}"] = (td._full_split_kernel, full, dict(shapes, BLOCK_N=tile, KQ=fp8, VQ=fp8, F16=fp8),
-                              td.FULL_WARPS, td.K_STAGES)
+                              td.FULL_WARPS, td.FULL_STAGES)
     return out
 
 

@@ -1,7 +1,7 @@
 """Two versions of the decode kernels side by side: the K scan (`chunk_scores`, chunks of 8) and the full decode,
 an earlier kcache/attention/triton_decode.py against the working tree's; then the working tree's scan by launch
 constants (tile, warps, pipeline stages) and with its block table in registers (SCAN_TABLE_IN_REGISTERS), and its
-full decode by tile and warps. Four layers of Llama-3.1-8B shapes at 32k tokens (the last tile ragged), block tables
+full decode by tile, warps and stages. Four layers of Llama-3.1-8B shapes at 32k tokens (the last tile ragged), block tables
 a random permutation, bf16 queries; ms per layer. FP8 K at batch 46 and bf16 at 23 (the same bytes), the full decode
 at FullKV's batches (FP8 K and V at 23, bf16 at 11).
 
@@ -24,7 +24,8 @@ LAYERS, HQ, HKV, D, BS, CONTEXT = 4, 32, 8, 128, 16, 32768
 LAUNCHES = [(128, 4, 3), (128, 4, 2), (128, 4, 4), (256, 4, 3), (256, 8, 3), (128, 8, 3), (64, 4, 3), (64, 2, 3),
             (128, 2, 3), (32, 2, 3), (32, 1, 3), (64, 1, 3)]  # (SCAN_TILE, SCAN_WARPS, K_STAGES)
 TABLE_LAUNCHES = [(128, 4, 3), (128, 4, 4), (256, 4, 3), (64, 4, 4)]  # with SCAN_TABLE_IN_REGISTERS
-FULL_LAUNCHES = [(128, 4), (128, 8), (64, 4), (64, 8)]  # (FULL_TILE, FULL_WARPS) of the full decode
+FULL_LAUNCHES = [(128, 4, 3), (128, 8, 3), (64, 4, 3), (64, 8, 3), (128, 8, 4), (64, 4, 4), (64, 8, 4), (32, 4, 4),
+                 (256, 8, 3)]  # (FULL_TILE, FULL_WARPS, FULL_STAGES) of the full decode
 
 
 def load_module(path: str):
@@ -93,12 +94,12 @@ def main():
         for version, module in (("earlier", earlier), ("this", td)):
             emit(kernel="full", k="fp8" if fp8 else "bf16", batch=batch, version=version,
                  ms=per_layer_ms(lambda l: full(module, l)))
-        default = dict(td.FULL_TILE), td.FULL_WARPS
-        for tile, warps in FULL_LAUNCHES:
-            td.FULL_TILE, td.FULL_WARPS = {size: tile for size in td.FULL_TILE}, warps
+        default = dict(td.FULL_TILE), td.FULL_WARPS, td.FULL_STAGES
+        for tile, warps, stages in FULL_LAUNCHES:
+            td.FULL_TILE, td.FULL_WARPS, td.FULL_STAGES = {size: tile for size in td.FULL_TILE}, warps, stages
             emit(kernel="full", k="fp8" if fp8 else "bf16", batch=batch, version="this", tile=tile, warps=warps,
-                 ms=per_layer_ms(lambda l: full(td, l)))
-        td.FULL_TILE, td.FULL_WARPS = default
+                 stages=stages, ms=per_layer_ms(lambda l: full(td, l)))
+        td.FULL_TILE, td.FULL_WARPS, td.FULL_STAGES = default
         del q, k, ks, v, vs
         torch.cuda.empty_cache()
     if os.environ.get("OUT"):

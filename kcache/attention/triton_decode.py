@@ -60,7 +60,8 @@ SCAN_WARPS = 4
 # next tile's copy issued after this tile's math); indexed by registers it gets K_STAGES - 1 (compiled for sm_90:
 # benchmarks/compile_sm90.py). Not yet timed on a GPU, so off.
 SCAN_TABLE_IN_REGISTERS = False
-K_STAGES = 3  # the software pipeline's depth over K tiles (scan and full decode)
+K_STAGES = 3  # the software pipeline's depth over K tiles: the scan's, and the full decode's (FULL_STAGES)
+FULL_STAGES = K_STAGES
 BLOCK_L = 1024  # chunks ranked per program (each keeps its local top NP)
 RANK_WARPS = 8  # warps of a rank program: its bitonic top-k trades shuffles against shared-memory rounds
 MERGE_KEYS = 4096  # keys per merge program (its register tile)
@@ -205,10 +206,10 @@ def _logits_at(qd, rs, qx, k_cache, kx, rows, valid, scale, D: tl.constexpr, PRE
 
 
 @triton.jit
-def _row_scales(q, k_scales, scale, b, h, HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, ROWS: tl.constexpr,
-                KQ: tl.constexpr, F16: tl.constexpr):
-    """The first ROWS query rows' logit scales [ROWS] for _tile_logits: query row scale x K's head scale x scale."""
-    qs = _query_operand(_load_q(q, b, h, HKV, G, D, ROWS), F16)[1]
+def _row_scales(qs, k_scales, scale, h, KQ: tl.constexpr, KEEP: tl.constexpr):
+    """The logit scales [KEEP] of the first KEEP query rows for _tile_logits, from their row scales qs [BG]
+    (_query_operand): query row scale x K's head scale x scale."""
+    qs = tl.reshape(_kept_rows(qs[:, None], KEEP), [KEEP])
     return qs * ((tl.load(k_scales + h) * scale) if KQ else scale)
 
 
@@ -246,8 +247,8 @@ def _full_split_kernel(
     b, h, s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     S = tl.num_programs(2)
     qv = _load_q(q, b, h, HKV, G, D, BG)  # [BG, D]
-    qd = _query_operand(qv, F16)[0]
-    rs = _row_scales(q, k_scales, scale, b, h, HKV, G, D, BG, KQ, F16)
+    qd, qs = _query_operand(qv, F16)
+    rs = _row_scales(qs, k_scales, scale, h, KQ, BG)
     qx = _exact_q(q, k_channels, b, h, HKV, G, D, BG, NX) if NX else qv
     table_row = block_tables + b * max_blocks
     d = tl.arange(0, D)
@@ -311,9 +312,9 @@ def _scores_kernel(
     b, h, s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     S = tl.num_programs(2)
     qv = _load_q(q, b, h, HKV, G, D, BG)  # [BG, D]
-    qd = _query_operand(qv, F16)[0]
+    qd, qs = _query_operand(qv, F16)
     scale2 = scale * LOG2E
-    rs = _row_scales(q, k_scales, scale2, b, h, HKV, G, D, KEEP, KQ, F16)  # [KEEP]
+    rs = _row_scales(qs, k_scales, scale2, h, KQ, KEEP)  # [KEEP]
     qx = _exact_q(q, k_channels, b, h, HKV, G, D, BG, NX) if NX else qv
     g = tl.arange(0, KEEP)
     head = (b * HKV + h) * G + g
@@ -450,8 +451,8 @@ def _gather_kernel(
     top, z = _merge_stats(m_in, l_in, bh, S, G, BG, SP)
     length = tl.load(lengths + b)
     qv = _load_q(q, b, h, HKV, G, D, BG)
-    qd = _query_operand(qv, F16)[0]
-    rs = _row_scales(q, k_scales, scale, b, h, HKV, G, D, BG, KQ, F16)
+    qd, qs = _query_operand(qv, F16)
+    rs = _row_scales(qs, k_scales, scale, h, KQ, BG)
     qx = _exact_q(q, k_channels, b, h, HKV, G, D, BG, NX) if NX else qv
     table_row = block_tables + b * max_blocks
     g = tl.arange(0, BG)
@@ -524,7 +525,7 @@ def full_decode(q, k_cache, v_cache, block_tables, lengths, scale=None, k_scales
         q, k_cache, v_cache, _scales_arg(k_scales, k_cache), _scales_arg(v_scales, v_cache), kx, kc, block_tables,
         lengths, acc, m, l, scale, block_tables.shape[1], per_split, HKV=Hkv, G=G, D=D, BS=bs, BG=_pad_rows(G),
         BLOCK_N=tile, PREC=_dot_precision(q.dtype), KQ=k_scales is not None, VQ=v_scales is not None,
-        F16=_fp16_dots(q, k_cache), NX=nx, num_warps=FULL_WARPS, num_stages=K_STAGES,
+        F16=_fp16_dots(q, k_cache), NX=nx, num_warps=FULL_WARPS, num_stages=FULL_STAGES,
     )
     out = torch.empty_like(q)
     _full_reduce_kernel[(B * H,)](acc, m, l, out, S, D=D, SP=triton.next_power_of_2(S), num_warps=4)
