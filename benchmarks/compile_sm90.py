@@ -67,7 +67,7 @@ def kernels() -> dict:
         per_split = 5504  # a split's tokens at 32k and batch 46 on 132 SMs (triton_decode._split)
         out[f"scan {kdt}"] = (td._scores_kernel, scan, dict(shapes, KEEP=td._kept(4), BLOCK_N=td.SCAN_TILE, C=8,
                                                              KQ=fp8, F16=fp8, PAGES=td._scan_pages(per_split, 16)),
-                              td.SCAN_WARPS, td.K_STAGES)
+                              td.SCAN_WARPS, td.SCAN_STAGES)
         full = {**pools, "v_cache": f"*{kdt}", "v_scales": "*fp32", "acc_out": "*fp32", "m_out": "*fp32",
                 "l_out": "*fp32", "scale": "fp32", "max_blocks": "i32", "per_split": "i32"}
         full = {n: full[n] for n in td._full_split_kernel.arg_names if n in full}
@@ -80,9 +80,10 @@ def kernels() -> dict:
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dump", help="also write each kernel's TTGIR and PTX here")
-    parser.add_argument("--table-in-registers", action="store_true", help="the scan with SCAN_TABLE_IN_REGISTERS")
+    parser.add_argument("--table-per-tile", action="store_true",
+                        help="the scan looking up each tile's blocks in the table (SCAN_TABLE_IN_REGISTERS off)")
     args = parser.parse_args()
-    td.SCAN_TABLE_IN_REGISTERS = args.table_in_registers or td.SCAN_TABLE_IN_REGISTERS
+    td.SCAN_TABLE_IN_REGISTERS = td.SCAN_TABLE_IN_REGISTERS and not args.table_per_tile
     for name, (fn, signature, constexprs, warps, stages) in kernels().items():
         kernel = compile_sm90(fn, signature, constexprs, warps, stages)
         print(name, summary(kernel), flush=True)

@@ -123,7 +123,7 @@ def ablate() -> list[dict]:
         for tile, stages, warps in ((128, 3, 4), (128, 4, 4), (256, 3, 4), (256, 3, 8)):
             rows.append(run(batch, mode, tile, stages, warps, 0, chunk))
             print(json.dumps(rows[-1]), flush=True)
-    default = td.SCAN_TILE, td.K_STAGES, td.PROGRAMS_PER_SM
+    default = td.SCAN_TILE, td.SCAN_STAGES, td.PROGRAMS_PER_SM
     for batch, fp8 in ((23, False), (46, True)):
         nb = batch * CONTEXT // BS
         k = torch.randn(LAYERS, nb, HKV, BS, D, device="cuda", dtype=torch.bfloat16)
@@ -133,14 +133,14 @@ def ablate() -> list[dict]:
         tables = torch.randperm(nb, device="cuda").to(torch.int32).view(batch, -1)
         lens = torch.full((batch,), CONTEXT, device="cuda", dtype=torch.int32)
         for tile, stages, per_sm in ((128, 3, 16), (128, 4, 16), (128, 3, 4), (256, 3, 16), (64, 4, 16)):
-            td.SCAN_TILE, td.K_STAGES, td.PROGRAMS_PER_SM = tile, stages, per_sm
+            td.SCAN_TILE, td.SCAN_STAGES, td.PROGRAMS_PER_SM = tile, stages, per_sm
             ms = time_graph(lambda: [td.chunk_scores(q, k[i], tables, lens, 8, 0.1, ks) for i in range(LAYERS)],
                             calls=1, replays=10) * 1e3 / LAYERS
             rows.append(dict(batch=batch, mode="chunk_scores " + ("fp8" if fp8 else "bf16"), tile=tile, stages=stages,
                              programs_per_sm=per_sm, ms=ms, TBps=k[0].numel() * k.element_size() / 1e9 / ms))
             print(json.dumps(rows[-1]), flush=True)
         del k
-    td.SCAN_TILE, td.K_STAGES, td.PROGRAMS_PER_SM = default
+    td.SCAN_TILE, td.SCAN_STAGES, td.PROGRAMS_PER_SM = default
     return rows
 
 

@@ -3,13 +3,13 @@
 One registered host V pool and one device K pool, laid out as the engine lays them out (`[layers, blocks, 8, 16,
 128]`, bf16), block tables a random permutation (a long-running, fragmented pool). For each (chunk_tokens, top_n)
 it prints ms per step for the K scan, the top-N selection, the gather and the whole op, the gather's host read rate,
-and FullKV at the batch that fits on the device beside its V; then the whole op with the batch in 1, 2 or 4 slices
-(OVERLAP_SLICES: host copies beside the next slice's scan), the copy spread over the GPU or on a few looping
-programs (STAGE_PROGRAMS). Floors: the scan reads every K byte once from HBM; the
+and FullKV at the batch that fits on the device beside its V; then the whole op with the batch in slices of
+several shares (OVERLAP_SHARES: host copies beside the next slice's scan), the copy spread over the GPU or on a few
+looping programs (STAGE_PROGRAMS). Floors: the scan reads every K byte once from HBM; the
 gather reads `budget` V rows per KV head from host memory at PCIe speed (47 GB/s measured on the lent H200).
 
     python benchmarks/kcache_step_probe.py [BATCH CONTEXT [parts|overlap|fp8]]  # default 25 32768; parts: the
-    gather's parts only; overlap: the slices sweep only; fp8: FP8 K (fp8_rows)
+    gather's parts only; overlap: the slices sweep only; fp8: FP8 K (fp8_rows) and its slices sweep
 """
 from __future__ import annotations
 
@@ -88,22 +88,28 @@ def stage_sweep(q, k, v, tables, lens, scale) -> list[dict]:
     return out
 
 
-def overlap_sweep(q, k, v, tables, lens) -> list[dict]:
-    """The whole op with the batch in slices whose host copies overlap the next slice's scan (chunks of 8), the
-    copy on one program per piece (0) or on a few looping programs, copying STAGE_ROWS rows at a time."""
+OVERLAPS = [((1,), 32, 64), ((1, 1), 32, 64), ((2, 1), 32, 64), ((3, 1), 32, 64), ((5, 1), 32, 64),
+            ((8, 1), 32, 64), ((1, 1, 1), 32, 64), ((2, 2, 1), 32, 64), ((4, 2, 1), 32, 64), ((3, 1), 48, 64),
+            ((3, 1), 16, 64), ((1,), 0, 16)]  # (OVERLAP_SHARES, STAGE_PROGRAMS, STAGE_ROWS)
+
+
+def overlap_sweep(q, k, v, tables, lens, **pools) -> list[dict]:
+    """The whole op with the batch in slices of OVERLAP_SHARES, whose host copies overlap the next slice's scan
+    (chunks of 8), the copy on one program per piece (0) or on a few looping programs, copying STAGE_ROWS rows at a
+    time. pools: the FP8 arguments of kcache_decode by layer (k_scales, k_exact: functions of the layer)."""
     out = []
-    default = td.OVERLAP_SLICES, td.STAGE_PROGRAMS, td.STAGE_ROWS
+    default = td.OVERLAP_SHARES, td.STAGE_PROGRAMS, td.STAGE_ROWS
+    extra = lambda l: {name: f(l) for name, f in pools.items()}  # noqa: E731
     for top_n in (64, 256):
         cfg = KCacheConfig(top_n=top_n, chunk_tokens=8)
-        for slices, programs, rows in [(1, 0, 16), (1, 32, 16), (1, 132, 16), (2, 0, 16), (2, 16, 16), (2, 32, 16),
-                                       (2, 32, 64), (2, 64, 16), (2, 132, 16), (4, 0, 16), (4, 32, 16), (4, 64, 16),
-                                       (2, 32, 128), (2, 48, 64), (3, 32, 64), (4, 32, 64), (4, 64, 64)]:
-            td.OVERLAP_SLICES, td.STAGE_PROGRAMS, td.STAGE_ROWS = slices, programs, rows
-            ms = per_step_ms(lambda: [td.kcache_decode(q, k[l], v[l], tables, lens, cfg) for l in range(LAYERS)])
-            out.append({"overlap_slices": slices, "stage_programs": programs, "stage_rows": rows, "top_n": top_n,
-                        "chunk_tokens": 8, "total_ms": ms})
+        for shares, programs, rows in OVERLAPS:
+            td.OVERLAP_SHARES, td.STAGE_PROGRAMS, td.STAGE_ROWS = shares, programs, rows
+            ms = per_step_ms(lambda: [td.kcache_decode(q, k[l], v[l], tables, lens, cfg, **extra(l))
+                                      for l in range(LAYERS)])
+            out.append({"overlap_shares": shares, "stage_programs": programs, "stage_rows": rows, "top_n": top_n,
+                        "chunk_tokens": 8, "fp8": bool(pools), "total_ms": ms})
             print(json.dumps(out[-1]), flush=True)
-    td.OVERLAP_SLICES, td.STAGE_PROGRAMS, td.STAGE_ROWS = default
+    td.OVERLAP_SHARES, td.STAGE_PROGRAMS, td.STAGE_ROWS = default
     return out
 
 
@@ -177,9 +183,9 @@ def fp8_rows(batch: int, context: int, hbm: float) -> list[dict]:
         scan = per_step_ms(lambda: [scores(l) for l in range(LAYERS)])
         select = per_step_ms(lambda: [td.select_chunks(*scores(l), lens, cfg) for l in range(LAYERS)])
         total = per_step_ms(lambda: [op(l) for l in range(LAYERS)])
-        slices, td.OVERLAP_SLICES = td.OVERLAP_SLICES, 1
+        shares, td.OVERLAP_SHARES = td.OVERLAP_SHARES, (1,)
         serial = per_step_ms(lambda: [op(l) for l in range(LAYERS)])
-        td.OVERLAP_SLICES = slices
+        td.OVERLAP_SHARES = shares
         v_bytes = batch * LAYERS * HKV * cfg.budget * D * (1 if host == "fp8" else 2)
         rows.append({"batch": batch, "context": context, "mode": "fp8 K", "exact_channels": nx, "host_v": host,
                      "chunk_tokens": chunk, "top_n": top_n, "scan_ms": scan, "select_ms": select - scan,
@@ -187,6 +193,8 @@ def fp8_rows(batch: int, context: int, hbm: float) -> list[dict]:
                      "scan_floor_ms": (k_bytes + (exact.values.numel() * 2 if nx else 0)) / hbm * 1e3,
                      "gather_floor_ms": v_bytes / PCIE * 1e3})
         print(json.dumps(rows[-1]), flush=True)
+    rows += overlap_sweep(q, k, v, tables, lens, k_scales=lambda l: ks[l],
+                          k_exact=lambda l: ExactChannels(exact.values[l], exact.channels[l]))
     del k, exact
     torch.cuda.cudart().cudaHostUnregister(v.data_ptr())
     del v, v8

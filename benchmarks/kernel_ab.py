@@ -22,7 +22,7 @@ from kcache.attention import triton_decode as td
 
 LAYERS, HQ, HKV, D, BS, CONTEXT = 4, 32, 8, 128, 16, 32768
 LAUNCHES = [(128, 4, 3), (128, 4, 2), (128, 4, 4), (256, 4, 3), (256, 8, 3), (128, 8, 3), (64, 4, 3), (64, 2, 3),
-            (128, 2, 3), (32, 2, 3), (32, 1, 3), (64, 1, 3)]  # (SCAN_TILE, SCAN_WARPS, K_STAGES)
+            (128, 2, 3), (32, 2, 3), (32, 1, 3), (64, 1, 3)]  # (SCAN_TILE, SCAN_WARPS, SCAN_STAGES)
 TABLE_LAUNCHES = [(128, 4, 3), (128, 4, 4), (256, 4, 3), (64, 4, 4)]  # with SCAN_TABLE_IN_REGISTERS
 FULL_LAUNCHES = [(128, 4, 3), (128, 8, 3), (64, 4, 3), (64, 8, 3), (128, 8, 4), (64, 4, 4), (64, 8, 4), (32, 4, 4),
                  (256, 8, 3)]  # (FULL_TILE, FULL_WARPS, FULL_STAGES) of the full decode
@@ -71,18 +71,18 @@ def main():
         for version, module in (("earlier", earlier), ("this", td)):
             emit(kernel="scan", k=dtype, batch=batch, version=version,
                  ms=per_layer_ms(lambda l: module.chunk_scores(q, k[l], tables, lens, 8, scale, at(ks, l))))
-        default = td.SCAN_TILE, td.SCAN_WARPS, td.K_STAGES
+        default = td.SCAN_TILE, td.SCAN_WARPS, td.SCAN_STAGES, td.SCAN_TABLE_IN_REGISTERS
+        td.SCAN_TABLE_IN_REGISTERS = False
         for tile, warps, stages in LAUNCHES:
-            td.SCAN_TILE, td.SCAN_WARPS, td.K_STAGES = tile, warps, stages
-            emit(kernel="scan", k=dtype, batch=batch, version="this", tile=tile, warps=warps, stages=stages,
-                 ms=per_layer_ms(lambda l: td.chunk_scores(q, k[l], tables, lens, 8, scale, at(ks, l))))
+            td.SCAN_TILE, td.SCAN_WARPS, td.SCAN_STAGES = tile, warps, stages
+            emit(kernel="scan", k=dtype, batch=batch, version="this", table="per tile", tile=tile, warps=warps,
+                 stages=stages, ms=per_layer_ms(lambda l: td.chunk_scores(q, k[l], tables, lens, 8, scale, at(ks, l))))
         td.SCAN_TABLE_IN_REGISTERS = True
         for tile, warps, stages in TABLE_LAUNCHES:
-            td.SCAN_TILE, td.SCAN_WARPS, td.K_STAGES = tile, warps, stages
+            td.SCAN_TILE, td.SCAN_WARPS, td.SCAN_STAGES = tile, warps, stages
             emit(kernel="scan", k=dtype, batch=batch, version="this", table="in registers", tile=tile, warps=warps,
                  stages=stages, ms=per_layer_ms(lambda l: td.chunk_scores(q, k[l], tables, lens, 8, scale, at(ks, l))))
-        td.SCAN_TABLE_IN_REGISTERS = False
-        td.SCAN_TILE, td.SCAN_WARPS, td.K_STAGES = default
+        td.SCAN_TILE, td.SCAN_WARPS, td.SCAN_STAGES, td.SCAN_TABLE_IN_REGISTERS = default
         del q, k, ks
         torch.cuda.empty_cache()
     for batch, fp8 in ((23, True), (11, False)):

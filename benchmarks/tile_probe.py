@@ -3,7 +3,7 @@
 Four layers of Llama-3.1-8B attention shapes at 32k tokens, block tables a random permutation; ms per layer and
 TB/s of the bytes each kernel must read (K for the scan, K and V for the full decode, from separate pools). Swept:
 tokens per tile and pipeline stages ("tiles"), and programs per SM, i.e. how finely the sequence is split
-("programs"). The winners are `SCAN_TILE`, `FULL_TILE`, `K_STAGES` and `PROGRAMS_PER_SM` in
+("programs"). The winners are `SCAN_TILE`, `FULL_TILE`, `SCAN_STAGES` / `FULL_STAGES` and `PROGRAMS_PER_SM` in
 kcache/attention/triton_decode.py.
 
     python benchmarks/tile_probe.py [tiles] [programs]  # both by default; writes $OUT/tile_probe.json if OUT is set
@@ -63,15 +63,15 @@ def measure(fns: dict, names, **row) -> list[dict]:
 
 def tiles(batch: int, fp8: bool) -> list[dict]:
     fns, rows, dtype = kernels(batch, fp8), [], "fp8" if fp8 else "bf16"
-    default = td.SCAN_TILE, dict(td.FULL_TILE), td.K_STAGES
+    default = td.SCAN_TILE, dict(td.FULL_TILE), td.SCAN_STAGES, td.FULL_STAGES
     for tile in TILES:
         td.SCAN_TILE, td.FULL_TILE = tile, {size: tile for size in td.FULL_TILE}
         rows += measure(fns, fns, k_dtype=dtype, batch=batch, tile=tile)
     td.SCAN_TILE, td.FULL_TILE = default[:2]
     for stages in STAGES:
-        td.K_STAGES = stages
+        td.SCAN_STAGES = td.FULL_STAGES = stages
         rows += measure(fns, fns, k_dtype=dtype, batch=batch, stages=stages)
-    td.K_STAGES = default[2]
+    td.SCAN_STAGES, td.FULL_STAGES = default[2:]
     return rows
 
 

@@ -463,6 +463,40 @@ def test_triton_row_copies_move_fp8_rows_unchanged():
     assert torch.equal(ref.load_rows(pool.cpu(), slots.cpu()).view(torch.uint8), rows.view(torch.uint8))
 
 
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("hkv,exact", [(2, 0), (3, 4), (8, 4)])
+def test_triton_store_quantises_like_the_reference(hkv, exact, dtype):
+    """The fused store (quantise, zero the exact channels, store both pools, one launch) writes the bytes the
+    reference's split_exact, quantize and store_rows write, saturating values past the scale's range. Under the
+    interpreter only the exact channels are compared: its float32 -> e4m3 conversion drops a rounding's carry into the
+    exponent (31.9 -> 16) and flushes e4m3 subnormals, where the GPU converts in hardware."""
+    from kcache.attention import triton_decode as td
+
+    dev = _triton_device()
+    gen = torch.Generator().manual_seed(11)
+    T, nb, bs, D = 21, 6, 8, 64
+    x = (3 * torch.randn(T, hkv, D, generator=gen)).to(dtype)
+    x[0, 0, 1] = 6e4  # past 448 x its head's scale: saturates
+    scales = ref.fp8_scales(x.float().abs().amax((0, 2)) / 4)
+    slots = torch.randperm(nb * bs, generator=gen)[:T]
+    channels = torch.stack([torch.randperm(D, generator=gen)[:exact].sort().values for _ in range(hkv)]).int()
+    pools = lambda: (torch.zeros(nb, hkv, bs, D, dtype=torch.float8_e4m3fn),  # noqa: E731
+                     ref.ExactChannels(torch.zeros(nb, hkv, bs, exact, dtype=dtype), channels) if exact else None)
+    want, want_exact = pools()
+    ref.store_rows(want, x, slots, scales, want_exact)
+    got, got_exact = pools()
+    got = got.to(dev)
+    on_dev = got_exact and ref.ExactChannels(got_exact.values.to(dev), channels.to(dev))
+    td.store_rows(got, x.to(dev), slots.to(dev), scales.to(dev), on_dev)
+    if exact:
+        assert torch.equal(on_dev.values.cpu(), want_exact.values)
+        zeros = ref.rows_at(got.cpu().float(), slots).gather(-1, channels.long().expand(T, hkv, exact))
+        assert not zeros.any()  # the e4m3 rows hold 0 where the exact values are
+    if dev == "cuda":
+        assert torch.equal(got.cpu().view(torch.uint8), want.view(torch.uint8))
+
+
 # ---- exact channels: the calibration and what they buy on real weights -------------------------------------------
 
 def test_calibration_finds_a_heads_loud_channel_pair_and_scales_the_rest(tmp_path):

@@ -205,20 +205,25 @@ def test_cuda_graph_replay_matches_eager():
 
 
 @pytest.mark.parametrize("selection", ["group", "head"])
-@pytest.mark.parametrize("slices,programs", [(2, 0), (3, 0), (2, 5), (1, 3)])
-def test_overlapped_slices_decode_like_the_reference_eager_and_in_a_graph(monkeypatch, selection, slices, programs):
-    """The batch in slices, each slice's host copy on a side stream beside the next slice's scan, the copy on one
-    program per piece or on a few looping ones: the reference's outputs, masses and V rows read, and a captured graph
-    replays what eager runs compute."""
-    monkeypatch.setattr(td, "OVERLAP_SLICES", slices)
+@pytest.mark.parametrize("shares,programs", [((1, 1), 0), ((1, 1, 1), 0), ((1, 1), 5), ((1,), 3), ((3, 1), 32),
+                                             ((8, 1), 32)])
+def test_overlapped_slices_decode_like_the_reference_eager_and_in_a_graph(monkeypatch, selection, shares, programs):
+    """The batch in slices of these shares, each slice's host copy on a side stream beside the next slice's scan, the
+    copy on one program per piece or on a few looping ones: the reference's outputs, masses and V rows read (written
+    into the buffers given, the rows added to what they held), and a captured graph replays what eager runs
+    compute."""
+    monkeypatch.setattr(td, "OVERLAP_SHARES", shares)
     monkeypatch.setattr(td, "STAGE_PROGRAMS", programs)
     cfg = KCacheConfig(top_n=64, selection=selection, sink_tokens=4, recent_tokens=8)
     q, k, v, tables, lens = _case(RAGGED, torch.bfloat16)
     _poison()
-    out, mass, rows = td.kcache_decode(q, k, v, tables, lens, cfg)
+    mass_out = torch.full((q.shape[0], q.shape[1]), float("nan"), device="cuda")
+    rows_out = torch.full((q.shape[0],), 7, dtype=torch.int32, device="cuda")
+    out, mass, rows = td.kcache_decode(q, k, v, tables, lens, cfg, mass_out=mass_out, rows_out=rows_out)
     want, want_mass, want_rows = _reference(ref.kcache_decode, q, k, v, tables, lens, cfg)
+    assert mass is mass_out and rows is rows_out
     assert _rel(out, want) < TOL[torch.bfloat16] and _rel(mass, want_mass) < 1e-5
-    assert torch.equal(rows.cpu(), want_rows)
+    assert torch.equal(rows.cpu(), want_rows + 7)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         captured = td.kcache_decode(q, k, v, tables, lens, cfg)

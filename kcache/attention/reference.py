@@ -90,8 +90,15 @@ def read_rows(pool: torch.Tensor, slots: torch.Tensor, scales: torch.Tensor | No
     return rows if exact is None else join_exact(rows, rows_at(exact.values, slots), exact.channels)
 
 
-def store_rows(pool: torch.Tensor, rows: torch.Tensor, slots: torch.Tensor) -> None:
-    """pool [blocks, Hkv, bs, D] <- rows [T, Hkv, D] at slots [T], wherever the pool lives."""
+def store_rows(pool: torch.Tensor, rows: torch.Tensor, slots: torch.Tensor, scales: torch.Tensor | None = None,
+               exact: ExactChannels | None = None) -> None:
+    """pool [blocks, Hkv, bs, D] <- rows [T, Hkv, D] at slots [T], wherever the pool lives: quantised where the pool is
+    FP8 (scales: its heads' [Hkv, 1]), its exact channels (if any) stored as they are in exact.values."""
+    if exact is not None:
+        rows, values = split_exact(rows, exact.channels)
+        store_rows(exact.values, values, slots)
+    if scales is not None:
+        rows = quantize(rows, scales)
     slots = slots.to(pool.device)
     pool[slots // pool.shape[2], :, slots % pool.shape[2]] = rows.to(pool.device)
 
@@ -229,15 +236,22 @@ def pool_v_reader(v_cache: torch.Tensor, slots: torch.Tensor, out_device, v_scal
 
 
 def kcache_decode(q, k_cache, v_cache, block_tables, lengths, cfg: KCacheConfig, scale=None, k_scales=None,
-                  v_scales=None, k_exact=None):
+                  v_scales=None, k_exact=None, mass_out=None, rows_out=None):
     """KCache decode over paged pools: q [B, H, D] -> (out [B, H, D], mass_kept [B, H] float32, V rows read [B]).
 
     k_cache lives on q's device (FP8 with its heads' scales k_scales and its exact channels k_exact, or not), v_cache
     may live in host memory (FP8 with its heads' scales v_scales, or not); only the selected V rows are read.
+    mass_out [B, H] and rows_out [B] (zeroed; the rows read are added to it), where given, receive the mass kept and
+    the rows read, and are returned (as the kernels' kcache_decode does).
     """
     slots, valid = token_slots(block_tables, lengths, k_cache.shape[2])
     k = read_rows(k_cache, slots, k_scales, torch.float32, k_exact).transpose(1, 2)  # [B, Hkv, L, D] float32 scores
-    return kcache_attend(q, k, valid, lengths, pool_v_reader(v_cache, slots, q.device, v_scales), cfg, scale)
+    out, mass, rows = kcache_attend(q, k, valid, lengths, pool_v_reader(v_cache, slots, q.device, v_scales), cfg, scale)
+    if mass_out is not None:
+        mass = mass_out.copy_(mass)
+    if rows_out is not None:
+        rows = rows_out.add_(rows.to(rows_out.device, rows_out.dtype))
+    return out, mass, rows
 
 
 def prefill_attention(q, k, v, start: int, scale=None):

@@ -31,8 +31,8 @@ KCache decode runs five launches (a merge level more for very long contexts):
           device buffer: many small programs keep many PCIe reads in flight
   sum     per selected chunk: its tokens' exact logits again from K (on the device), their softmax weights, the
           weighted sum of the staged rows on the tensor cores, renormalisation
-With OVERLAP_SLICES > 1 the batch runs in slices, each slice's host copy on a side stream beside the next slice's scan,
-on a few looping programs (STAGE_PROGRAMS) that leave the SMs to the scan.
+With more than one of OVERLAP_SHARES the batch runs in slices, each slice's host copy on a side stream beside the
+next slice's scan, on a few looping programs (STAGE_PROGRAMS) that leave the SMs to the scan.
 """
 from __future__ import annotations
 
@@ -57,11 +57,13 @@ FULL_WARPS = 4  # the FP8 full decode compiles to 255 registers at 4 (199 at 8);
 SCAN_WARPS = 4
 # The scan's block-table entries for a whole split loaded before its loop, each tile's gathered from them, instead of
 # loaded per tile: a K load indexed by a load in the same loop gets one pipeline stage from Triton (one K buffer, the
-# next tile's copy issued after this tile's math); indexed by registers it gets K_STAGES - 1 (compiled for sm_90:
-# benchmarks/compile_sm90.py). Not yet timed on a GPU, so off.
-SCAN_TABLE_IN_REGISTERS = False
-K_STAGES = 3  # the software pipeline's depth over K tiles: the scan's, and the full decode's (FULL_STAGES)
-FULL_STAGES = K_STAGES
+# next tile's copy issued after this tile's math); indexed by registers it gets SCAN_STAGES - 1 (compiled for sm_90:
+# benchmarks/compile_sm90.py). On the lent H100 at 32k, ms per layer (benchmarks/results/kernel_ab_h100.json): FP8 K
+# at batch 46 0.548 with 4 stages against 0.569 looked up per tile (3 stages; 0.568 at 4), bf16 at batch 23 0.524
+# against 0.531.
+SCAN_TABLE_IN_REGISTERS = True
+SCAN_STAGES = 4  # the software pipeline's depth over the scan's K tiles
+FULL_STAGES = 3  # the full decode's (H100: no launch of 9 beats 128 / 4 warps / 3 stages for FP8, all within 1% in bf16)
 BLOCK_L = 1024  # chunks ranked per program (each keeps its local top NP)
 RANK_WARPS = 8  # warps of a rank program: its bitonic top-k trades shuffles against shared-memory rounds
 MERGE_KEYS = 4096  # keys per merge program (its register tile)
@@ -70,22 +72,24 @@ GATHER_WARPS = 4
 SPLIT_WEIGHTS = True  # 16-bit q: weights as two 16-bit halves on the tensor cores (see _gather_kernel)
 STAGE_ROWS = 64  # V rows one staging program copies from host memory at a time (whole chunks, at least one)
 STAGE_WARPS = 2
-STAGE_PROGRAMS = 32  # staging programs: 0, one per STAGE_ROWS rows; else this many, looping (see OVERLAP_SLICES)
+STAGE_PROGRAMS = 32  # staging programs: 0, one per STAGE_ROWS rows; else this many, looping (see OVERLAP_SHARES)
 MAX_SPLITS = 64  # bounds the reduce's register tile [splits, head_dim]
 # Split until batch * kv_heads * splits reaches this many programs per SM. Few splits leave a part-filled last wave
 # of programs: the lent H200's full decode at 32k took 0.98 ms per layer at batch 23 with 4 (3 splits), 0.74 with
 # 16; 0.334 / 0.338 at batch 11; FP8 K and V 1.04 / 0.82 at batch 23, 1.63 / 1.65 at 46; the KCache op over 32
 # layers at batch 23 15.69 / 15.58 ms (benchmarks/results/launch_probe_h200.json).
 PROGRAMS_PER_SM = 16
-# KCache decode in this many batch slices, each slice's host copy on a side stream while the next slice's K scan
-# runs: PCIe and HBM are separate resources, but a copy spread over the GPU (one program per 16 rows) takes SMs from
+# KCache decode in batch slices of these shares of the batch (first to last), each slice's host copy on a side stream
+# while the next slice's K scan runs: PCIe and HBM are separate resources, but a copy spread over the GPU (one program per 16 rows) takes SMs from
 # the scan and hides nothing. On 32 looping programs of 64 rows it does: the op over 32 layers on the lent H200
 # (benchmarks/results/kcache_step_probe_overlap_h200_*.json, chunks of 8), 1 slice spread against 2 slices on 32
 # programs: 8k, batch 92, N=64 21.9 -> 18.3 ms; N=256 45.4 -> 39.1; 16k, batch 46, N=64 17.9 -> 16.3; 32k, batch 23,
-# N=64 15.6 -> 15.5; N=256 21.7 -> 18.6.
-OVERLAP_SLICES = 2
+# N=64 15.6 -> 15.5; N=256 21.7 -> 18.6. Only the sums overlap the last slice's copy, so a smaller last slice hides
+# more, while its scan still covers the copy of the slice before.
+OVERLAP_SHARES = (1, 1)
 LOG2E = tl.constexpr(1 / math.log(2))  # the scan's softmax runs in base 2
 LN2 = tl.constexpr(math.log(2))
+FP8_MAX = tl.constexpr(448.0)  # e4m3fn's largest (reference.FP8_MAX)
 
 
 @functools.lru_cache
@@ -440,7 +444,7 @@ def _gather_kernel(
     group: selection sel = 0 serves all G heads of the KV head; head: selection sel serves query head sel.
     keys [B, Hkv, 1|G, NP] hold the selected chunks in their low 32 bits (-1: none), the first n of them used,
     TILE at a time. Each token's weight is its exact softmax weight: its logit again from K (a device read of the
-    few selected rows), normalised by the scan's global max and sum. rows_read [B, Hkv, 1|G] counts the V rows read.
+    few selected rows), normalised by the scan's global max and sum. The V rows read are added to rows_read [B].
     VQ: the staged rows are FP8; the head's V scale multiplies the sum.
     SPLIT (16-bit q): V in q's dtype (exact: 16-bit V, or e4m3), each float32 weight w summed as hi + lo, hi = w
     rounded to that dtype and lo = the rest rounded again, so two tensor-core dots with float32 accumulation give
@@ -487,7 +491,7 @@ def _gather_kernel(
     head = bh * G + g
     tl.store(out + head[:, None] * D + d[None, :], acc.to(out.dtype.element_ty), mask=mine[:, None])
     tl.store(mass + head, kept, mask=mine)
-    tl.store(rows_read + bh * tl.num_programs(2) + sel, read)
+    tl.atomic_add(rows_read + b, read)
 
 
 def _shapes(q: torch.Tensor, k_cache: torch.Tensor, block_tables: torch.Tensor):
@@ -547,7 +551,7 @@ def chunk_scores(q, k_cache, block_tables, lengths, chunk_tokens: int, scale: fl
         block_tables.shape[1], per_split, LC, HKV=Hkv, G=G, D=D, BS=bs, BG=_pad_rows(G), KEEP=_kept(G),
         BLOCK_N=SCAN_TILE, C=chunk_tokens, PREC=_dot_precision(q.dtype), KQ=k_scales is not None,
         F16=_fp16_dots(q, k_cache), NX=nx, PAGES=_scan_pages(per_split, bs), num_warps=SCAN_WARPS,
-        num_stages=K_STAGES,
+        num_stages=SCAN_STAGES,
     )
     return lse, m, l
 
@@ -604,15 +608,16 @@ def stage_chunks(keys, v_cache, block_tables, lengths, cfg: KCacheConfig, staged
 
 
 def weighted_sum(keys, q, k_cache, m, l, staged, block_tables, lengths, cfg: KCacheConfig, scale: float,
-                 k_scales=None, v_scales=None, k_exact=None):
+                 k_scales=None, v_scales=None, k_exact=None, out=None, mass=None, rows=None):
     """The weighted sums over the staged chunks (FP8 rows with their heads' scales v_scales, or not) -> (out [B, H, D],
-    mass [B, H] float32, V rows read [B] int32)."""
+    mass [B, H] float32, V rows read [B] int32), written into out, mass and rows where given (rows zeroed: the
+    counts are added to it)."""
     B, H, D, bs, Hkv, G, L = _shapes(q, k_cache, block_tables)
     nsel, NP = keys.shape[2], keys.shape[3]
     c = cfg.chunk_tokens
-    out = torch.empty_like(q)
-    mass = torch.empty(B, H, dtype=torch.float32, device=q.device)
-    rows = torch.empty(B, Hkv, nsel, dtype=torch.int32, device=q.device)
+    out = torch.empty_like(q) if out is None else out
+    mass = torch.empty(B, H, dtype=torch.float32, device=q.device) if mass is None else mass
+    rows = torch.zeros(B, dtype=torch.int32, device=q.device) if rows is None else rows
     kx, kc, nx = _exact_args(k_exact, k_cache)
     _gather_kernel[(B, Hkv, nsel)](
         keys, q, k_cache, _scales_arg(k_scales, k_cache), kx, kc, _scales_arg(v_scales, k_cache), m, l, staged,
@@ -622,7 +627,7 @@ def weighted_sum(keys, q, k_cache, m, l, staged, block_tables, lengths, cfg: KCa
         PREC=_dot_precision(q.dtype), KQ=k_scales is not None, VQ=v_scales is not None,
         SPLIT=SPLIT_WEIGHTS and q.element_size() == 2, F16=_fp16_dots(q, k_cache), NX=nx, num_warps=GATHER_WARPS,
     )
-    return out, mass, rows.sum((1, 2), dtype=torch.int32)
+    return out, mass, rows
 
 
 def gather_chunks(keys, q, k_cache, m, l, v_cache, block_tables, lengths, cfg: KCacheConfig, scale: float,
@@ -634,23 +639,39 @@ def gather_chunks(keys, q, k_cache, m, l, v_cache, block_tables, lengths, cfg: K
 
 
 def kcache_decode(q, k_cache, v_cache, block_tables, lengths, cfg: KCacheConfig, scale=None, k_scales=None,
-                  v_scales=None, k_exact=None):
+                  v_scales=None, k_exact=None, mass_out=None, rows_out=None):
     """KCache decode over paged pools: q [B, H, D] -> (out [B, H, D], mass_kept [B, H] float32, V rows read [B]).
 
     k_cache lives on the GPU (FP8 with its heads' scales k_scales and exact channels k_exact, or not); v_cache may be
     a pinned (or cudaHostRegister-ed) CPU tensor, read in place (FP8 with its heads' scales v_scales on the GPU, or
-    not).
+    not). mass_out [B, H] float32 and rows_out [B] int32 (zeroed; the rows read are added to it): where the mass
+    kept and the rows read go (new tensors if None), so that a caller's records cost no copies.
     """
     D = q.shape[-1]
     scale = scale if scale is not None else 1.0 / math.sqrt(D)
-    slices = min(OVERLAP_SLICES, q.shape[0]) if q.is_cuda else 1
-    if slices > 1:
-        return _overlapped_decode(q, k_cache, v_cache, block_tables, lengths, cfg, scale, k_scales, v_scales, k_exact,
-                                  slices)
+    out = torch.empty_like(q)
+    mass = torch.empty(q.shape[:2], dtype=torch.float32, device=q.device) if mass_out is None else mass_out
+    rows = torch.zeros(q.shape[0], dtype=torch.int32, device=q.device) if rows_out is None else rows_out
+    bounds = _slice_bounds(q.shape[0]) if q.is_cuda else [0, q.shape[0]]
+    if len(bounds) > 2:
+        _overlapped_decode(q, k_cache, v_cache, block_tables, lengths, cfg, scale, k_scales, v_scales, k_exact, bounds,
+                           (out, mass, rows))
+        return out, mass, rows
     lse, m, l = chunk_scores(q, k_cache, block_tables, lengths, cfg.chunk_tokens, scale, k_scales, k_exact)
     keys = select_chunks(lse, m, l, lengths, cfg)
-    return gather_chunks(keys, q, k_cache, m, l, v_cache, block_tables, lengths, cfg, scale, k_scales, v_scales,
-                         k_exact)
+    staged = stage_chunks(keys, v_cache, block_tables, lengths, cfg)
+    return weighted_sum(keys, q, k_cache, m, l, staged, block_tables, lengths, cfg, scale, k_scales, v_scales, k_exact,
+                        out, mass, rows)
+
+
+def _slice_bounds(batch: int) -> list[int]:
+    """The batch's slice boundaries [0, ..., batch] by OVERLAP_SHARES, empty slices dropped."""
+    total, run, bounds = sum(OVERLAP_SHARES), 0, [0]
+    for share in OVERLAP_SHARES:
+        run += share
+        if (end := round(batch * run / total)) > bounds[-1]:
+            bounds.append(end)
+    return bounds
 
 
 @functools.lru_cache
@@ -659,12 +680,11 @@ def _side_stream(device: torch.device) -> torch.cuda.Stream:
 
 
 def _overlapped_decode(q, k_cache, v_cache, block_tables, lengths, cfg: KCacheConfig, scale: float, k_scales,
-                       v_scales, k_exact, slices: int):
-    """kcache_decode over `slices` slices of the batch: slice i's host copy (a side stream) runs while slice i + 1's
-    K scan runs (this stream); each slice's weighted sum waits for its copy. Capturable in a CUDA graph (the side
-    stream forks from this one and joins it again)."""
+                       v_scales, k_exact, bounds: list[int], results: tuple):
+    """kcache_decode over the batch slices between bounds, into results (out, mass, rows): slice i's host copy (a
+    side stream) runs while slice i + 1's K scan runs (this stream); each slice's weighted sum waits for its copy.
+    Capturable in a CUDA graph (the side stream forks from this one and joins it again)."""
     main, side = torch.cuda.current_stream(q.device), _side_stream(q.device)
-    bounds = [q.shape[0] * i // slices for i in range(slices + 1)]
     copies = []
     for lo, hi in zip(bounds, bounds[1:]):
         qs, tables, lens = q[lo:hi], block_tables[lo:hi], lengths[lo:hi]
@@ -676,14 +696,12 @@ def _overlapped_decode(q, k_cache, v_cache, block_tables, lengths, cfg: KCacheCo
             stage_chunks(keys, v_cache, tables, lens, cfg, staged)
         copied = torch.cuda.Event()
         copied.record(side)
-        copies.append((qs, tables, lens, m, l, keys, staged, copied))
-    outs = []
-    for qs, tables, lens, m, l, keys, staged, copied in copies:
+        copies.append((lo, hi, m, l, keys, staged, copied))
+    for lo, hi, m, l, keys, staged, copied in copies:
         main.wait_event(copied)
-        outs.append(weighted_sum(keys, qs, k_cache, m, l, staged, tables, lens, cfg, scale, k_scales, v_scales,
-                                 k_exact))
+        weighted_sum(keys, q[lo:hi], k_cache, m, l, staged, block_tables[lo:hi], lengths[lo:hi], cfg, scale, k_scales,
+                     v_scales, k_exact, *(r[lo:hi] for r in results))
     main.wait_stream(side)  # join: the capture of a CUDA graph must end on this stream
-    return tuple(torch.cat(parts) for parts in zip(*outs))
 
 
 @triton.jit
@@ -716,12 +734,60 @@ def _copy_rows(pool: torch.Tensor, rows: torch.Tensor, slots: torch.Tensor, to_p
         )
 
 
-def store_rows(pool: torch.Tensor, rows: torch.Tensor, slots: torch.Tensor) -> None:
-    """The reference's store_rows, written by the GPU straight into a pinned host pool (or a device one).
+@triton.jit
+def _store_fp8_kernel(pool, rows, slots, scales, exact, channels, n, HKV: tl.constexpr, D: tl.constexpr,
+                      BS: tl.constexpr, EP: tl.constexpr, BR: tl.constexpr, NX: tl.constexpr, XP: tl.constexpr):
+    """BR token rows of rows [n, HKV, D] quantised under their heads' scales [HKV, 1] into their slots of an e4m3 pool
+    [blocks, HKV, BS, D] (elements padded to EP, a power of two); with NX > 0 each head's channels [HKV, NX] go to
+    exact [blocks, HKV, BS, NX] as they are (HKV * NX padded to XP), and 0 in their place to the e4m3 pool: the
+    reference's split_exact, quantize and store_rows in one launch."""
+    r = tl.program_id(0) * BR + tl.arange(0, BR)
+    live = r < n
+    slot = tl.load(slots + r, mask=live, other=0).to(tl.int64)
+    at_row = rows + r[:, None].to(tl.int64) * (HKV * D)  # [BR, 1]
+    at_slot = (slot[:, None] // BS * HKV) * BS + slot[:, None] % BS  # [BR, 1]: head h's row is at_slot + h * BS
+    e = tl.arange(0, EP)
+    h, d = e // D, e % D
+    inside = e < HKV * D
+    mask = live[:, None] & inside[None, :]
+    x = tl.load(at_row + e[None, :], mask=mask, other=0.0).to(tl.float32)  # [BR, EP]
+    if NX:
+        f = tl.arange(0, XP)
+        fh, fj = f // NX, f % NX
+        ch = tl.load(channels + f, mask=f < HKV * NX, other=0)  # [XP]: channel fj of head fh
+        fmask = live[:, None] & (f < HKV * NX)[None, :]
+        values = tl.load(at_row + (fh * D + ch)[None, :], mask=fmask)
+        tl.store(exact + (at_slot + fh[None, :] * BS) * NX + fj[None, :], values.to(exact.dtype.element_ty),
+                 mask=fmask)
+        hit = tl.zeros([EP], tl.int1)
+        for j in tl.static_range(NX):
+            hit |= d == tl.load(channels + h * NX + j, mask=inside, other=-1)
+        x = tl.where(hit[None, :], 0.0, x)
+    y = tl.math.div_rn(x, tl.load(scales + h, mask=inside, other=1.0)[None, :])  # IEEE division, as torch's
+    y = tl.minimum(tl.maximum(y, -FP8_MAX), FP8_MAX)  # e4m3fn has no inf: saturate
+    tl.store(pool + (at_slot + h[None, :] * BS) * D + d[None, :], y.to(pool.dtype.element_ty), mask=mask)
+
+
+def store_rows(pool: torch.Tensor, rows: torch.Tensor, slots: torch.Tensor, scales: torch.Tensor | None = None,
+               exact=None) -> None:
+    """The reference's store_rows, written by the GPU straight into a pinned host pool (or a device one): quantised
+    in the same launch where the pool is FP8 (scales its heads' [Hkv, 1]; exact its exact channels, if any).
 
     rows [T, Hkv, D] on the GPU, slots [T] int on the GPU; no host sync, so decode steps stay graph-capturable.
     """
-    _copy_rows(pool, rows.contiguous(), slots, to_pool=True)
+    rows = rows.contiguous()
+    if scales is None:
+        _copy_rows(pool, rows, slots, to_pool=True)
+        return
+    _, Hkv, bs, D = pool.shape
+    T, BR = rows.shape[0], 16
+    values, channels = (pool, scales) if exact is None else exact
+    nx = 0 if exact is None else channels.shape[-1]
+    if T:
+        _store_fp8_kernel[(triton.cdiv(T, BR),)](
+            pool, rows, slots, scales, values, channels, T, HKV=Hkv, D=D, BS=bs, EP=triton.next_power_of_2(Hkv * D),
+            BR=BR, NX=nx, XP=triton.next_power_of_2(max(1, Hkv * nx)), num_warps=4,
+        )
 
 
 def load_rows(pool: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:

@@ -228,24 +228,14 @@ class PagedKVCache:
     def attend(self, layer: int, q, k, v, batch: StepBatch) -> torch.Tensor:
         """Store this step's K/V [T, Hkv, D], then attend: q [T, H, D] -> [T, H, D]."""
         pools = self.pools(layer)
-        self._store(pools.k, pools.k_scales, k, batch.slot_mapping, pools.k_exact)
-        self._store(pools.v, pools.v_scales, v, batch.slot_mapping)  # on a GPU into the host pool in place: graph-capturable
+        # quantised where the pool is FP8; on a GPU into the host pool in place: graph-capturable
+        self.ops.store_rows(pools.k, k, batch.slot_mapping, pools.k_scales, pools.k_exact)
+        self.ops.store_rows(pools.v, v, batch.slot_mapping, pools.v_scales)
         if batch.is_prefill:
             return self._prefill(q, k, v, pools, batch)
         if batch.shared_table:
             return self._score(layer, q, pools, batch)
         return self._decode(layer, q, pools, batch)
-
-    def _store(self, pool: torch.Tensor, scales: torch.Tensor | None, rows: torch.Tensor, slots: torch.Tensor,
-               exact: reference.ExactChannels | None = None) -> None:
-        """rows [T, Hkv, D] into their slots [T] of the pool, quantised where the pool is FP8 (its heads' scales given),
-        its exact channels (if any) stored as they are."""
-        if exact is not None:
-            rows, values = reference.split_exact(rows, exact.channels)
-            self.ops.store_rows(exact.values, values, slots)
-        if scales is not None:
-            rows = reference.quantize(rows, scales)  # [T, Hkv, D] e4m3
-        self.ops.store_rows(pool, rows, slots)
 
     def _rows(self, pool: torch.Tensor, scales: torch.Tensor | None, slots: torch.Tensor, dtype: torch.dtype,
               exact: reference.ExactChannels | None = None):
@@ -396,34 +386,32 @@ class KCache(PagedKVCache):
             return self.ops.full_decode(q, pools.k, pools.v, batch.block_tables, batch.lengths, k_scales=pools.k_scales,
                                         v_scales=pools.v_scales, k_exact=pools.k_exact)
         ops = reference if self.kcfg.selection == "random" else self.ops  # the baseline has no kernel
-        out, mass, rows = ops.kcache_decode(q, pools.k, pools.v, batch.block_tables, batch.lengths, self.kcfg,
-                                            k_scales=pools.k_scales, v_scales=pools.v_scales, k_exact=pools.k_exact)
-        self._record(layer, mass, rows)
-        return out
+        return ops.kcache_decode(q, pools.k, pools.v, batch.block_tables, batch.lengths, self.kcfg,
+                                 k_scales=pools.k_scales, v_scales=pools.v_scales, k_exact=pools.k_exact,
+                                 **self._records(layer))[0]
 
-    def _record(self, layer: int, mass: torch.Tensor, rows: torch.Tensor) -> None:
-        """Keep the layer's mass kept [B, H] and V rows read [B] for decode_stats (when the step was planned)."""
-        if self.mass is not None:
-            self.mass[layer].copy_(mass)
-            self.rows[layer].copy_(rows)
+    def _records(self, layer: int) -> dict:
+        """Where kcache_decode puts the layer's mass kept [B, H] and V rows read [B] for decode_stats: this step's
+        records when the step was planned (written in place, no copies), else nowhere kept."""
+        return {} if self.mass is None else dict(mass_out=self.mass[layer], rows_out=self.rows[layer])
 
     def _score(self, layer, q, pools: LayerPools, batch):
         if self._exact(layer):
             return self._exact_score(q, pools, batch)
         if self.ops is not reference and self.kcfg.selection != "random":  # the kernel the decode steps run
             tables = batch.block_tables[:1].expand(q.shape[0], -1).contiguous()
-            out, mass, rows = self.ops.kcache_decode(q, pools.k, pools.v, tables, batch.lengths, self.kcfg,
-                                                     k_scales=pools.k_scales, v_scales=pools.v_scales,
-                                                     k_exact=pools.k_exact)
-            self._record(layer, mass, rows)
-            return out
+            return self.ops.kcache_decode(q, pools.k, pools.v, tables, batch.lengths, self.kcfg,
+                                          k_scales=pools.k_scales, v_scales=pools.v_scales, k_exact=pools.k_exact,
+                                          **self._records(layer))[0]
         slots = self._sequence_slots(batch)  # [1, L]
         # [1, Hkv, L, D]: one copy of K for every row, float32 as the scores are
         k = reference.read_rows(pools.k, slots, pools.k_scales, torch.float32, pools.k_exact).transpose(1, 2)
         valid = torch.arange(slots.shape[1], device=q.device)[None, :] < batch.lengths[:, None]  # [T, L]
         read_v = reference.pool_v_reader(pools.v, slots, q.device, pools.v_scales)
         out, mass, rows = reference.kcache_attend(q, k, valid, batch.lengths, read_v, self.kcfg)
-        self._record(layer, mass, rows)
+        if self.mass is not None:
+            self.mass[layer].copy_(mass)
+            self.rows[layer].copy_(rows)
         return out
 
 
