@@ -80,10 +80,9 @@ def kernels() -> dict:
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dump", help="also write each kernel's TTGIR and PTX here")
-    parser.add_argument("--table-per-tile", action="store_true",
-                        help="the scan looking up each tile's blocks in the table (SCAN_TABLE_IN_REGISTERS off)")
+    parser.add_argument("--table-in-registers", action="store_true", help="the scan with SCAN_TABLE_IN_REGISTERS")
     args = parser.parse_args()
-    td.SCAN_TABLE_IN_REGISTERS = td.SCAN_TABLE_IN_REGISTERS and not args.table_per_tile
+    td.SCAN_TABLE_IN_REGISTERS = args.table_in_registers or td.SCAN_TABLE_IN_REGISTERS
     for name, (fn, signature, constexprs, warps, stages) in kernels().items():
         kernel = compile_sm90(fn, signature, constexprs, warps, stages)
         print(name, summary(kernel), flush=True)
