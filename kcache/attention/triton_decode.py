@@ -81,12 +81,13 @@ MAX_SPLITS = 64  # bounds the reduce's register tile [splits, head_dim]
 # layers at batch 23 15.69 / 15.58 ms (benchmarks/results/launch_probe_h200.json).
 PROGRAMS_PER_SM = 16
 # KCache decode in batch slices of these shares of the batch (first to last), each slice's host copy on a side stream
-# while the next slice's K scan runs: PCIe and HBM are separate resources, but a copy spread over the GPU (one program per 16 rows) takes SMs from
-# the scan and hides nothing. On 32 looping programs of 64 rows it does: the op over 32 layers on the lent H200
-# (benchmarks/results/kcache_step_probe_overlap_h200_*.json, chunks of 8), 1 slice spread against 2 slices on 32
-# programs: 8k, batch 92, N=64 21.9 -> 18.3 ms; N=256 45.4 -> 39.1; 16k, batch 46, N=64 17.9 -> 16.3; 32k, batch 23,
-# N=64 15.6 -> 15.5; N=256 21.7 -> 18.6. Only the sums overlap the last slice's copy, so a smaller last slice hides
-# more, while its scan still covers the copy of the slice before (untimed: see SCAN_TABLE_IN_REGISTERS).
+# while the next slice's K scan runs: PCIe and HBM are separate resources, but a copy spread over the GPU (one
+# program per 16 rows) takes SMs from the scan and hides nothing. On 32 looping programs of 64 rows it does: the op
+# over 32 layers on the lent H200 (benchmarks/results/kcache_step_probe_overlap_h200_*.json, chunks of 8), 1 slice
+# spread against 2 slices on 32 programs: 8k, batch 92, N=64 21.9 -> 18.3 ms; N=256 45.4 -> 39.1; 16k, batch 46,
+# N=64 17.9 -> 16.3; 32k, batch 23, N=64 15.6 -> 15.5; N=256 21.7 -> 18.6. Only the sums overlap the last slice's
+# copy, so a smaller last slice hides more, while its scan still covers the copy of the slice before (untimed: see
+# SCAN_TABLE_IN_REGISTERS).
 OVERLAP_SHARES = (1, 1)
 LOG2E = tl.constexpr(1 / math.log(2))  # the scan's softmax runs in base 2
 LN2 = tl.constexpr(math.log(2))
