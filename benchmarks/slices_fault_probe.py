@@ -5,39 +5,70 @@ shares (1,), (1, 1), (2, 1), (3, 1) ("shares"), stopping at the first fault; run
 
     CUDA_LAUNCH_BLOCKING=1 python benchmarks/slices_fault_probe.py scan|shares regs|tile
 """
+import argparse
 import sys
 
 import torch
 from kcache.attention import triton_decode as td
 from kcache.cache.kv import host_empty
 from kcache.config import KCacheConfig
-mode, table = sys.argv[1], sys.argv[2]
-td.SCAN_TABLE_IN_REGISTERS = table == "regs"
-HKV, D, BS, L, B = 8, 128, 16, 32768, 23
-nb = B * L // BS
-dev = torch.device("cuda")
-k = torch.randn(nb, HKV, BS, D, device=dev, dtype=torch.bfloat16)
-v = host_empty((nb, HKV, BS, D), torch.bfloat16, dev)
-q = torch.randn(B, 32, D, device=dev, dtype=torch.bfloat16)
-lens = torch.full((B,), L, device=dev, dtype=torch.int32)
-tables = torch.randperm(nb, device=dev).to(torch.int32).view(B, -1)
-cfg = KCacheConfig(top_n=64, chunk_tokens=8)
-cases = [(lo, hi) for hi in range(1, B + 1) for lo in (0, 15, 7) if lo < hi] if mode != "shares" else [(0, B)]
-for lo, hi in cases:
-    step = "?"
+
+HKV, H, D, BS, L, B = 8, 32, 128, 16, 32768, 23
+
+
+def pools(dev):
+    nb = B * L // BS
+    k = torch.randn(nb, HKV, BS, D, device=dev, dtype=torch.bfloat16)  # [blocks, Hkv, BS, D]
+    v = host_empty((nb, HKV, BS, D), torch.bfloat16, dev)              # pinned host
+    tables = torch.randperm(nb, device=dev).to(torch.int32).view(B, -1)  # [B, L/BS]
+    return k, v, tables
+
+
+def run_steps(q, k, v, tables, lens, cfg):
+    """The decode's four launches one by one, synchronising after each so that a fault names its launch."""
+    step = "scan"
     try:
-        if mode == "scan":
-            step = "scan"; lse, m, l = td.chunk_scores(q[lo:hi], k, tables[lo:hi], lens[lo:hi], 8, D ** -0.5)
-            step = "select"; keys = td.select_chunks(lse, m, l, lens[lo:hi], cfg)
-            step = "stage"; staged = td.stage_chunks(keys, v, tables[lo:hi], lens[lo:hi], cfg)
-            step = "sum"; td.weighted_sum(keys, q[lo:hi], k, m, l, staged, tables[lo:hi], lens[lo:hi], cfg, D ** -0.5)
-        else:
-            for shares in ((1,), (1, 1), (2, 1), (3, 1)) if mode == "shares" else ((1, 1),):
-                td.OVERLAP_SHARES = shares; step = f"decode {shares}"
-                td.kcache_decode(q[lo:hi], k, v, tables[lo:hi], lens[lo:hi], cfg)
-                torch.cuda.synchronize()
+        lse, m, l = td.chunk_scores(q, k, tables, lens, cfg.chunk_tokens, D ** -0.5)
+        torch.cuda.synchronize(); step = "select"
+        keys = td.select_chunks(lse, m, l, lens, cfg)
+        torch.cuda.synchronize(); step = "stage"
+        staged = td.stage_chunks(keys, v, tables, lens, cfg)
+        torch.cuda.synchronize(); step = "sum"
+        td.weighted_sum(keys, q, k, m, l, staged, tables, lens, cfg, D ** -0.5)
         torch.cuda.synchronize()
     except Exception as e:
-        print(f"FAULT {mode} {table} lo={lo} hi={hi} at {step}: {str(e)[:120]}", flush=True)
-        sys.exit(1)
-print(f"ok {mode} {table} {len(cases)} cases", flush=True)
+        raise RuntimeError(f"at {step}: {e}") from e
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("mode", choices=["scan", "shares"])
+    p.add_argument("table", choices=["regs", "tile"])
+    args = p.parse_args()
+    td.SCAN_TABLE_IN_REGISTERS = args.table == "regs"
+    dev = torch.device("cuda")
+    k, v, tables = pools(dev)
+    q = torch.randn(B, H, D, device=dev, dtype=torch.bfloat16)
+    lens = torch.full((B,), L, device=dev, dtype=torch.int32)
+    cfg = KCacheConfig(top_n=64, chunk_tokens=8)
+    if args.mode == "scan":
+        cases = [((lo, hi), None) for hi in range(1, B + 1) for lo in (0, 15, 7) if lo < hi]
+    else:
+        cases = [((0, B), shares) for shares in ((1,), (1, 1), (2, 1), (3, 1))]
+    for (lo, hi), shares in cases:
+        s = slice(lo, hi)
+        try:
+            if shares is None:
+                run_steps(q[s], k, v, tables[s], lens[s], cfg)
+            else:
+                td.OVERLAP_SHARES = shares
+                td.kcache_decode(q[s], k, v, tables[s], lens[s], cfg)
+                torch.cuda.synchronize()
+        except Exception as e:
+            print(f"FAULT {args.mode} {args.table} lo={lo} hi={hi} shares={shares}: {str(e)[:160]}", flush=True)
+            sys.exit(1)
+    print(f"ok {args.mode} {args.table} {len(cases)} cases", flush=True)
+
+
+if __name__ == "__main__":
+    main()
