@@ -60,10 +60,9 @@ SCAN_WARPS = 4
 # next tile's copy issued after this tile's math); indexed by registers it gets SCAN_STAGES - 1 (compiled for sm_90:
 # benchmarks/compile_sm90.py). On the lent H100 at 32k, ms per layer (benchmarks/results/kernel_ab_h100.json): FP8 K
 # at batch 46 0.548 with 4 stages against 0.569 looked up per tile (3 stages; 0.568 at 4), bf16 at batch 23 0.524
-# against 0.531. Off for now: with it on, the step probe's first uneven batch slices (OVERLAP_SHARES (2, 1), 32k,
-# bf16 batch 23 and FP8 batch 45) hit an illegal memory access, cause not yet found (the GPU tests pass either way).
-SCAN_TABLE_IN_REGISTERS = False
-SCAN_STAGES = 3  # the software pipeline's depth over the scan's K tiles (4 with the table in registers)
+# against 0.531.
+SCAN_TABLE_IN_REGISTERS = True
+SCAN_STAGES = 4  # the software pipeline's depth over the scan's K tiles (3 with the table looked up per tile)
 FULL_STAGES = 3  # the full decode's (H100: no launch of 9 beats 128 / 4 warps / 3 stages for FP8, all within 1% in bf16)
 BLOCK_L = 1024  # chunks ranked per program (each keeps its local top NP)
 RANK_WARPS = 8  # warps of a rank program: its bitonic top-k trades shuffles against shared-memory rounds
@@ -336,7 +335,10 @@ def _scores_kernel(
         pos = t + tl.arange(0, BLOCK_N)
         if PAGES:
             valid = pos < end
-            rows = (tl.gather(pages, pos // BS - start // BS, 0).to(tl.int64) * HKV + h) * BS + pos % BS
+            # Wrapped into the table: the pipeliner computes the addresses of up to SCAN_STAGES - 1 tiles past the
+            # split's end (their loads predicated off), and a gather index out of range is undefined.
+            entry = (pos // BS - start // BS) & (PAGES - 1)
+            rows = (tl.gather(pages, entry, 0).to(tl.int64) * HKV + h) * BS + pos % BS
             x = _logits_at(qd, rs, qx, k_cache, k_exact, rows, valid, scale2, D, PREC, KQ, F16, NX, KEEP)
         else:
             x = _tile_logits(qd, rs, qx, k_cache, k_exact, table_row, pos, end, scale2, h, HKV, D, BS, PREC, KQ, F16,
