@@ -168,6 +168,30 @@ def test_the_scan_gives_the_float64_chunk_and_split_scores(monkeypatch, g, bs, c
         assert torch.allclose(total, x.logsumexp(-1), atol=1e-4)
 
 
+@pytest.mark.parametrize("batch", [15, 8, 23])
+def test_the_scan_with_the_table_in_registers_where_tiles_computed_ahead_pass_the_table(monkeypatch, batch):
+    """32k tokens on 132 SMs (an H100's or H200's split arithmetic): at batch 15 a split holds 120 blocks of a 128-entry
+    table, and the pipeliner computes the addresses of 3 tiles past a split's end (up to entry 143); the uneven batch
+    slices that ran this faulted. The scores equal those of the scan that looks each tile up in the table."""
+    monkeypatch.setattr(td, "_num_sms", lambda device: 132)
+    gen = torch.Generator().manual_seed(next(_seed))
+    n = 32768
+    k = torch.randn(batch * n // BS, HKV, BS, D, generator=gen).to(torch.bfloat16).cuda()
+    tables = torch.randperm(batch * n // BS, generator=gen).int().view(batch, -1).cuda()
+    q = (2 * torch.randn(batch, HKV * G, D, generator=gen)).bfloat16().cuda()
+    lens = torch.tensor([n - 3 * b for b in range(batch)], dtype=torch.int32).cuda()  # ragged ends
+    scores = {}
+    for in_registers in (False, True):
+        monkeypatch.setattr(td, "SCAN_TABLE_IN_REGISTERS", in_registers)
+        scores[in_registers] = td.chunk_scores(q, k, tables, lens, 8, D ** -0.5)
+        torch.cuda.synchronize()
+    (lse0, m0, l0), (lse1, m1, l1) = scores[False], scores[True]
+    for b, length in enumerate(lens.tolist()):  # chunk scores are written up to each length
+        chunks = -(-length // 8)
+        assert torch.allclose(lse0[b, ..., :chunks], lse1[b, ..., :chunks], atol=1e-5)
+    assert torch.allclose(m0, m1, atol=1e-5) and torch.allclose(l0, l1, rtol=1e-5)
+
+
 @pytest.mark.parametrize("v_home", ["pin", "register"])
 def test_reads_the_host_pool_in_place(v_home):
     q, k, v, tables, lens = _case([500, 200], torch.bfloat16, v_home=v_home)

@@ -619,9 +619,7 @@ def weighted_sum(keys, q, k_cache, m, l, staged, block_tables, lengths, cfg: KCa
     B, H, D, bs, Hkv, G, L = _shapes(q, k_cache, block_tables)
     nsel, NP = keys.shape[2], keys.shape[3]
     c = cfg.chunk_tokens
-    out = torch.empty_like(q) if out is None else out
-    mass = torch.empty(B, H, dtype=torch.float32, device=q.device) if mass is None else mass
-    rows = torch.zeros(B, dtype=torch.int32, device=q.device) if rows is None else rows
+    out, mass, rows = _outputs(q, out, mass, rows)
     kx, kc, nx = _exact_args(k_exact, k_cache)
     _gather_kernel[(B, Hkv, nsel)](
         keys, q, k_cache, _scales_arg(k_scales, k_cache), kx, kc, _scales_arg(v_scales, k_cache), m, l, staged,
@@ -631,6 +629,15 @@ def weighted_sum(keys, q, k_cache, m, l, staged, block_tables, lengths, cfg: KCa
         PREC=_dot_precision(q.dtype), KQ=k_scales is not None, VQ=v_scales is not None,
         SPLIT=SPLIT_WEIGHTS and q.element_size() == 2, F16=_fp16_dots(q, k_cache), NX=nx, num_warps=GATHER_WARPS,
     )
+    return out, mass, rows
+
+
+def _outputs(q, out=None, mass=None, rows=None) -> tuple:
+    """The decode's results: out [B, H, D], mass kept [B, H] float32, V rows read [B] int32 (zeroed, added to),
+    each the one given or a new one."""
+    out = torch.empty_like(q) if out is None else out
+    mass = torch.empty(q.shape[:2], dtype=torch.float32, device=q.device) if mass is None else mass
+    rows = torch.zeros(q.shape[0], dtype=torch.int32, device=q.device) if rows is None else rows
     return out, mass, rows
 
 
@@ -653,9 +660,7 @@ def kcache_decode(q, k_cache, v_cache, block_tables, lengths, cfg: KCacheConfig,
     """
     D = q.shape[-1]
     scale = scale if scale is not None else 1.0 / math.sqrt(D)
-    out = torch.empty_like(q)
-    mass = torch.empty(q.shape[:2], dtype=torch.float32, device=q.device) if mass_out is None else mass_out
-    rows = torch.zeros(q.shape[0], dtype=torch.int32, device=q.device) if rows_out is None else rows_out
+    out, mass, rows = _outputs(q, None, mass_out, rows_out)
     bounds = _slice_bounds(q.shape[0]) if q.is_cuda else [0, q.shape[0]]
     if len(bounds) > 2:
         _overlapped_decode(q, k_cache, v_cache, block_tables, lengths, cfg, scale, k_scales, v_scales, k_exact, bounds,
@@ -709,6 +714,12 @@ def _overlapped_decode(q, k_cache, v_cache, block_tables, lengths, cfg: KCacheCo
 
 
 @triton.jit
+def _pool_row(slot, h, HKV: tl.constexpr, BS: tl.constexpr):
+    """Row of KV head h's vector at slot (block * BS + offset, int64) in a flat pool [blocks * HKV * BS, ...]."""
+    return (slot // BS * HKV + h) * BS + slot % BS
+
+
+@triton.jit
 def _copy_rows_kernel(pool, rows, slots, n, HKV: tl.constexpr, D: tl.constexpr, BS: tl.constexpr,
                       EP: tl.constexpr, BR: tl.constexpr, TO_POOL: tl.constexpr):
     """Copy BR token rows of HKV * D elements each (padded to EP, a power of two) between rows [n, HKV, D] and
@@ -718,7 +729,7 @@ def _copy_rows_kernel(pool, rows, slots, n, HKV: tl.constexpr, D: tl.constexpr, 
     h, d = e // D, e % D
     mask = (r[:, None] < n) & (e[None, :] < HKV * D)
     slot = tl.load(slots + r, mask=r < n, other=0).to(tl.int64)
-    at_pool = pool + ((slot[:, None] // BS * HKV + h[None, :]) * BS + slot[:, None] % BS) * D + d[None, :]
+    at_pool = pool + _pool_row(slot[:, None], h[None, :], HKV, BS) * D + d[None, :]
     at_rows = rows + r[:, None].to(tl.int64) * (HKV * D) + e[None, :]
     if TO_POOL:
         tl.store(at_pool, tl.load(at_rows, mask=mask), mask=mask)
@@ -749,7 +760,6 @@ def _store_fp8_kernel(pool, rows, slots, scales, exact, channels, n, HKV: tl.con
     live = r < n
     slot = tl.load(slots + r, mask=live, other=0).to(tl.int64)
     at_row = rows + r[:, None].to(tl.int64) * (HKV * D)  # [BR, 1]
-    at_slot = (slot[:, None] // BS * HKV) * BS + slot[:, None] % BS  # [BR, 1]: head h's row is at_slot + h * BS
     e = tl.arange(0, EP)
     h, d = e // D, e % D
     inside = e < HKV * D
@@ -761,15 +771,16 @@ def _store_fp8_kernel(pool, rows, slots, scales, exact, channels, n, HKV: tl.con
         ch = tl.load(channels + f, mask=f < HKV * NX, other=0)  # [XP]: channel fj of head fh
         fmask = live[:, None] & (f < HKV * NX)[None, :]
         values = tl.load(at_row + (fh * D + ch)[None, :], mask=fmask)
-        tl.store(exact + (at_slot + fh[None, :] * BS) * NX + fj[None, :], values.to(exact.dtype.element_ty),
-                 mask=fmask)
+        tl.store(exact + _pool_row(slot[:, None], fh[None, :], HKV, BS) * NX + fj[None, :],
+                 values.to(exact.dtype.element_ty), mask=fmask)
         hit = tl.zeros([EP], tl.int1)
         for j in tl.static_range(NX):
             hit |= d == tl.load(channels + h * NX + j, mask=inside, other=-1)
         x = tl.where(hit[None, :], 0.0, x)
     y = tl.math.div_rn(x, tl.load(scales + h, mask=inside, other=1.0)[None, :])  # IEEE division, as torch's
     y = tl.minimum(tl.maximum(y, -FP8_MAX), FP8_MAX)  # e4m3fn has no inf: saturate
-    tl.store(pool + (at_slot + h[None, :] * BS) * D + d[None, :], y.to(pool.dtype.element_ty), mask=mask)
+    tl.store(pool + _pool_row(slot[:, None], h[None, :], HKV, BS) * D + d[None, :], y.to(pool.dtype.element_ty),
+             mask=mask)
 
 
 def store_rows(pool: torch.Tensor, rows: torch.Tensor, slots: torch.Tensor, scales: torch.Tensor | None = None,
