@@ -168,12 +168,15 @@ def test_the_scan_gives_the_float64_chunk_and_split_scores(monkeypatch, g, bs, c
         assert torch.allclose(total, x.logsumexp(-1), atol=1e-4)
 
 
+@pytest.mark.parametrize("stages", [3, 4])
 @pytest.mark.parametrize("batch", [15, 8, 23])
-def test_the_scan_with_the_table_in_registers_where_tiles_computed_ahead_pass_the_table(monkeypatch, batch):
+def test_the_scan_with_the_table_in_registers_where_tiles_computed_ahead_pass_the_table(monkeypatch, batch, stages):
     """32k tokens on 132 SMs (an H100's or H200's split arithmetic): at batch 15 a split holds 120 blocks of a 128-entry
-    table, and the pipeliner computes the addresses of 3 tiles past a split's end (up to entry 143); the uneven batch
-    slices that ran this faulted. The scores equal those of the scan that looks each tile up in the table."""
+    table, and the pipeliner computes the addresses of the SCAN_STAGES - 1 tiles past a split's end too (up to entry
+    143 at 4 stages); uneven batch slices that ran this faulted before the index wrapped. The scores equal those of
+    the scan that looks each tile up in the table, at 3 and 4 stages."""
     monkeypatch.setattr(td, "_num_sms", lambda device: 132)
+    monkeypatch.setattr(td, "SCAN_STAGES", stages)
     gen = torch.Generator().manual_seed(next(_seed))
     n = 32768
     k = torch.randn(batch * n // BS, HKV, BS, D, generator=gen).to(torch.bfloat16).cuda()

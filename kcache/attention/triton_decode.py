@@ -60,9 +60,13 @@ SCAN_WARPS = 4
 # next tile's copy issued after this tile's math); indexed by registers it gets SCAN_STAGES - 1 (compiled for sm_90:
 # benchmarks/compile_sm90.py). On the lent H100 at 32k, ms per layer (benchmarks/results/kernel_ab_h100.json): FP8 K
 # at batch 46 0.548 with 4 stages against 0.569 looked up per tile (3 stages; 0.568 at 4), bf16 at batch 23 0.524
-# against 0.531.
-SCAN_TABLE_IN_REGISTERS = True
-SCAN_STAGES = 4  # the software pipeline's depth over the scan's K tiles (3 with the table looked up per tile)
+# against 0.531. With it on, the step probe's uneven batch slices faulted (93d76e2: OVERLAP_SHARES (2, 1) at 32k,
+# batch 23 and 45): the pipeliner computes the table index of the 3 tiles past a split's end too (compiled for sm_90,
+# the loop's gather takes tile t + 3), which ran past the 128-entry table at batch 15's split of 120 blocks; the index
+# now wraps into it. Off until a GPU run confirms (tests/test_triton.py, slices_fault_probe.py), as every engine row
+# so far ran.
+SCAN_TABLE_IN_REGISTERS = False
+SCAN_STAGES = 3  # the software pipeline's depth over the scan's K tiles (4 with the table in registers)
 FULL_STAGES = 3  # the full decode's (H100: no launch of 9 beats 128 / 4 warps / 3 stages for FP8, all within 1% in bf16)
 BLOCK_L = 1024  # chunks ranked per program (each keeps its local top NP)
 RANK_WARPS = 8  # warps of a rank program: its bitonic top-k trades shuffles against shared-memory rounds

@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# The next GPU session's runs in one device call (a machine goes back after 30 s idle, and starting one costs minutes
+# of the session's 30): the GPU tests, the uneven-slices fault probe, then the 32k rows (FullKV in the same runs) at
+# the defaults and with the knobs below set through a sitecustomize, so the engine A/B needs no code change.
+#   bash benchmarks/gpu_session.sh [step ...]   steps: tests probe bf16 fp8 overlap (default: all, in that order)
+# Env: KNOBS (triton_decode constants NAME=VALUE for the second run of each row, no spaces in a value, e.g.
+# OVERLAP_SHARES=(3,1); default the scan's table in registers at 4 stages), N256=1 (bf16 also at N=256). Logs and
+# results go to $OUT/gpu_session.tgz (one file: the device returns 8 at most), packed after each step. The wheels the
+# device image lacks (pydantic, pydantic_core, annotated_types, typing_inspection, gguf) go in .whl/ first (device
+# README) and travel by carry. About 13 minutes in all on the H100 (estimated: tests ~3, probe 1, bf16 2 x 2,
+# FP8 2 x 3, overlap 1-2): within one call's 10, name the steps, e.g. `tests probe bf16`, then `fp8 overlap`.
+set -u
+OUT=${OUT:-/tmp/out}; RES=/tmp/gpu_session; mkdir -p "$OUT" "$RES"
+KNOBS=${KNOBS:-SCAN_TABLE_IN_REGISTERS=True SCAN_STAGES=4}
+STEPS=("$@"); [ ${#STEPS[@]} -gt 0 ] || STEPS=(tests probe bf16 fp8 overlap)
+if compgen -G ".whl/*.whl" > /dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+fi
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+t0=$(date +%s)
+step() { echo "[$(( $(date +%s) - t0 )) s] $*"; }
+knobs() {  # a sitecustomize setting triton_decode's constants NAME=VALUE in every python started after it
+  rm -rf /tmp/knobs && mkdir -p /tmp/knobs
+  { echo "from kcache.attention import triton_decode as td"
+    for kv in "$@"; do echo "td.${kv%%=*} = ${kv#*=}"; done; } > /tmp/knobs/sitecustomize.py
+}
+rows() {  # rows TAG ENV...: the 32k row at the defaults, then with KNOBS (file tag _knobs)
+  local tag=$1; shift
+  env "$@" TAG="$tag" OUT_DIR="$RES" CHUNK=8 DEVICE_GB=48 OUTPUT_LEN=64 bash benchmarks/gpu_bench.sh 32768 \
+    > "$RES/bench$tag.log" 2>&1
+  knobs $KNOBS
+  env "$@" TAG="${tag}_knobs" OUT_DIR="$RES" CHUNK=8 DEVICE_GB=48 OUTPUT_LEN=64 PYTHONPATH="/tmp/knobs:$PYTHONPATH" \
+    bash benchmarks/gpu_bench.sh 32768 > "$RES/bench${tag}_knobs.log" 2>&1
+  grep -h -E "^metric|full_batch_decode_tokens" "$RES/bench$tag.log" "$RES/bench${tag}_knobs.log"
+}
+for s in "${STEPS[@]}"; do
+  step "$s"
+  case $s in
+    tests) timeout 300 python3 -m pytest -q -m gpu -n 8 -p no:cacheprovider tests/test_triton.py tests/test_fp8.py \
+             tests/test_engine.py > "$RES/tests.log" 2>&1; tail -4 "$RES/tests.log" ;;
+    probe) for table in tile regs; do
+             CUDA_LAUNCH_BLOCKING=1 timeout 120 python3 benchmarks/slices_fault_probe.py shares "$table" 2>&1 | tail -2
+           done | tee "$RES/probe.log" ;;
+    bf16) rows _pool48_chunk8 MAX_SEQS=128 PROMPTS=23 TOP_NS="64${N256:+ 256}" ;;
+    fp8) rows _pool48_fp8 MAX_SEQS=48 PROMPTS=46 KV_DTYPE=fp8 ;;
+    overlap) knobs $KNOBS
+             OUT=$RES PYTHONPATH="/tmp/knobs:$PYTHONPATH" timeout 300 python3 benchmarks/kcache_step_probe.py 23 32768 \
+               overlap > "$RES/overlap.log" 2>&1; tail -25 "$RES/overlap.log" ;;
+    *) echo "unknown step $s" >&2; exit 2 ;;
+  esac
+  tar czf "$OUT/gpu_session.tgz" -C "$RES" .
+done
+step done
