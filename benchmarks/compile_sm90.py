@@ -6,7 +6,7 @@ Arguments are specialised as Triton's JIT specialises them on the GPU: pointers 
 arguments named in ALIGNED divisible by 16. The compiler, ptxas, cuobjdump and nvdisasm all come with the Triton
 wheel.
 
-    python benchmarks/compile_sm90.py [--dump DIR]  # the scan and the full decode, FP8 and bf16 K, as launched
+    python benchmarks/compile_sm90.py [--dump DIR] [--table-in-registers --scan-stages 4]  # the kernels as launched
 """
 from __future__ import annotations
 
@@ -60,14 +60,17 @@ def kernels() -> dict:
     out = {}
     for kdt in ("fp8e4nv", "bf16"):
         fp8 = kdt == "fp8e4nv"
-        pools = {"q": "*bf16", "k_cache": f"*{kdt}", "k_scales": "*fp32", "k_exact": f"*{kdt}",
-                 "k_channels": f"*{kdt}", "block_tables": "*i32", "lengths": "*i32"}
+        pools = {"q": "*bf16", "k_cache": f"*{kdt}", "k_scales": "*fp32", "k_exact": "*bf16", "k_channels": "*i32",
+                 "block_tables": "*i32", "lengths": "*i32"}
         scan = {**pools, "chunk_lse": "*fp32", "m_out": "*fp32", "l_out": "*fp32", "scale": "fp32",
                 "max_blocks": "i32", "per_split": "i32", "LC": "i32"}
         per_split = 5504  # a split's tokens at 32k and batch 46 on 132 SMs (triton_decode._split)
-        out[f"scan {kdt}"] = (td._scores_kernel, scan, dict(shapes, KEEP=td._kept(4), BLOCK_N=td.SCAN_TILE, C=8,
-                                                             KQ=fp8, F16=fp8, PAGES=td._scan_pages(per_split, 16)),
-                              td.SCAN_WARPS, td.SCAN_STAGES)
+        scan_consts = dict(shapes, KEEP=td._kept(4), BLOCK_N=td.SCAN_TILE, C=8, KQ=fp8, F16=fp8,
+                           PAGES=td._scan_pages(per_split, 16))
+        out[f"scan {kdt}"] = (td._scores_kernel, scan, scan_consts, td.SCAN_WARPS, td.SCAN_STAGES)
+        if fp8:  # the engine's FP8 default: 4 exact channels a KV head
+            out["scan fp8e4nv, 4 exact"] = (td._scores_kernel, scan, dict(scan_consts, NX=4), td.SCAN_WARPS,
+                                            td.SCAN_STAGES)
         full = {**pools, "v_cache": f"*{kdt}", "v_scales": "*fp32", "acc_out": "*fp32", "m_out": "*fp32",
                 "l_out": "*fp32", "scale": "fp32", "max_blocks": "i32", "per_split": "i32"}
         full = {n: full[n] for n in td._full_split_kernel.arg_names if n in full}
@@ -81,14 +84,16 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dump", help="also write each kernel's TTGIR and PTX here")
     parser.add_argument("--table-in-registers", action="store_true", help="the scan with SCAN_TABLE_IN_REGISTERS")
+    parser.add_argument("--scan-stages", type=int, default=td.SCAN_STAGES, help="the scan's SCAN_STAGES")
     args = parser.parse_args()
     td.SCAN_TABLE_IN_REGISTERS = args.table_in_registers or td.SCAN_TABLE_IN_REGISTERS
+    td.SCAN_STAGES = args.scan_stages
     for name, (fn, signature, constexprs, warps, stages) in kernels().items():
         kernel = compile_sm90(fn, signature, constexprs, warps, stages)
         print(name, summary(kernel), flush=True)
         if args.dump:
             os.makedirs(args.dump, exist_ok=True)
-            stem = os.path.join(args.dump, name.replace(" ", "_"))
+            stem = os.path.join(args.dump, re.sub(r"\W+", "_", name))
             for ext in ("ttgir", "ptx"):
                 with open(f"{stem}.{ext}", "w") as f:
                     f.write(kernel.asm[ext])
