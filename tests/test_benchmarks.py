@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -34,6 +35,13 @@ def load(name: str):
 @pytest.mark.parametrize("name", SCRIPTS)
 def test_script_imports(name):
     assert callable(load(name).main)
+
+
+@pytest.mark.parametrize("script", sorted(p.name for p in BENCHMARKS.glob("*.sh")))
+def test_shell_script_parses(script):
+    """The device runs these in calls that cost minutes to start: a syntax error should cost none."""
+    done = subprocess.run(["bash", "-n", str(BENCHMARKS / script)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
 
 
 def test_batch1_vs_hf_times_both_on_the_cpu():
