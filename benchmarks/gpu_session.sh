@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # The next GPU session's runs in one device call (a machine goes back after 30 s idle, and starting one costs minutes
 # of the session's 30): the GPU tests, the uneven-slices fault probe, then the 32k rows (FullKV in the same runs) at
-# the defaults and with the knobs below set through a sitecustomize, so the engine A/B needs no code change.
+# the defaults and with each set of knobs below, set through a sitecustomize, so the engine A/B needs no code change.
 #   bash benchmarks/gpu_session.sh [step ...]   steps: tests probe bf16 fp8 overlap (default: all, in that order)
-# Env: KNOBS (triton_decode constants NAME=VALUE for the second run of each row, no spaces in a value, e.g.
-# OVERLAP_SHARES=(3,1); default the scan's table in registers at 4 stages), N256=1 (bf16 also at N=256). Logs and
+# Env: KNOBS (sets of triton_decode constants NAME=VALUE, the sets split by ';', no spaces in a value, e.g.
+# "BLOCK_L=4096;OVERLAP_SHARES=(3,1)": each row runs again under each set, and the step probe under the first; default
+# the scan's table in registers at 4 stages), N256=1 (bf16 also at N=256). Logs and
 # results go to $OUT/gpu_session.tgz (one file: the device returns 8 at most), packed after each step. The wheels the
 # device image lacks (pydantic, pydantic_core, annotated_types, typing_inspection, gguf) go in .whl/ first (device
 # README) and travel by carry. About 13 minutes in all on the H100 (estimated: tests ~3, probe 1, bf16 2 x 2,
@@ -25,14 +26,18 @@ knobs() {  # a sitecustomize setting triton_decode's constants NAME=VALUE in eve
   { echo "from kcache.attention import triton_decode as td"
     for kv in "$@"; do echo "td.${kv%%=*} = ${kv#*=}"; done; } > /tmp/knobs/sitecustomize.py
 }
-rows() {  # rows TAG ENV...: the 32k row at the defaults, then with KNOBS (file tag _knobs)
+IFS=';' read -r -a KNOB_SETS <<< "$KNOBS"
+rows() {  # rows TAG ENV...: the 32k row at the defaults, then under each knob set i (file tag _knobs<i>)
   local tag=$1; shift
   env "$@" TAG="$tag" OUT_DIR="$RES" CHUNK=8 DEVICE_GB=48 OUTPUT_LEN=64 bash benchmarks/gpu_bench.sh 32768 \
     > "$RES/bench$tag.log" 2>&1
-  knobs $KNOBS
-  env "$@" TAG="${tag}_knobs" OUT_DIR="$RES" CHUNK=8 DEVICE_GB=48 OUTPUT_LEN=64 PYTHONPATH="/tmp/knobs:$PYTHONPATH" \
-    bash benchmarks/gpu_bench.sh 32768 > "$RES/bench${tag}_knobs.log" 2>&1
-  grep -h -E "^metric|full_batch_decode_tokens" "$RES/bench$tag.log" "$RES/bench${tag}_knobs.log"
+  echo "defaults"; grep -E "^metric|full_batch_decode_tokens" "$RES/bench$tag.log"
+  for i in "${!KNOB_SETS[@]}"; do
+    knobs ${KNOB_SETS[$i]}
+    env "$@" TAG="${tag}_knobs$i" OUT_DIR="$RES" CHUNK=8 DEVICE_GB=48 OUTPUT_LEN=64 \
+      PYTHONPATH="/tmp/knobs:$PYTHONPATH" bash benchmarks/gpu_bench.sh 32768 > "$RES/bench${tag}_knobs$i.log" 2>&1
+    echo "${KNOB_SETS[$i]}"; grep -E "full_batch_decode_tokens" "$RES/bench${tag}_knobs$i.log"
+  done
 }
 for s in "${STEPS[@]}"; do
   step "$s"
@@ -44,7 +49,7 @@ for s in "${STEPS[@]}"; do
            done | tee "$RES/probe.log" ;;
     bf16) rows _pool48_chunk8 MAX_SEQS=128 PROMPTS=23 TOP_NS="64${N256:+ 256}" ;;
     fp8) rows _pool48_fp8 MAX_SEQS=48 PROMPTS=46 KV_DTYPE=fp8 ;;
-    overlap) knobs $KNOBS
+    overlap) knobs ${KNOB_SETS[0]}
              OUT=$RES PYTHONPATH="/tmp/knobs:$PYTHONPATH" timeout 300 python3 benchmarks/kcache_step_probe.py 23 32768 \
                overlap > "$RES/overlap.log" 2>&1; tail -25 "$RES/overlap.log" ;;
     *) echo "unknown step $s" >&2; exit 2 ;;
