@@ -2,18 +2,19 @@
 # The next GPU session's runs in one device call (a machine goes back after 30 s idle, and starting one costs minutes
 # of the session's 30): the GPU tests, the uneven-slices fault probe, then the 32k rows (FullKV in the same runs) at
 # the defaults and with each set of knobs below, set through a sitecustomize, so the engine A/B needs no code change.
-#   bash benchmarks/gpu_session.sh [step ...]   steps: tests probe bf16 fp8 overlap (default: all, in that order)
+#   bash benchmarks/gpu_session.sh [step ...]   steps: tests probe bf16 fp8 overlap e2e_fp8 (default: all, in order)
 # Env: KNOBS (sets of triton_decode constants NAME=VALUE, the sets split by ';', no spaces in a value, e.g.
 # "BLOCK_L=4096;OVERLAP_SHARES=(3,1)": each row runs again under each set, and the step probe under the first; default
 # the scan's table in registers at 4 stages), N256=1 (bf16 also at N=256). Logs and
 # results go to $OUT/gpu_session.tgz (one file: the device returns 8 at most), packed after each step. The wheels the
 # device image lacks (pydantic, pydantic_core, annotated_types, typing_inspection, gguf) go in .whl/ first (device
-# README) and travel by carry. About 13 minutes in all on the H100 (estimated: tests ~3, probe 1, bf16 2 x 2,
-# FP8 2 x 3, overlap 1-2): within one call's 10, name the steps, e.g. `tests probe bf16`, then `fp8 overlap`.
+# README) and travel by carry. About 18 minutes in all on the H100 (estimated: tests ~3, probe 1, bf16 2 x 2,
+# FP8 2 x 3, overlap 1-2, e2e_fp8 ~5: 44 prompts of 32k, 1024 new tokens, FullKV FP8 in two rounds of 22): within
+# one call's 10, name the steps, e.g. `tests probe bf16`, then `fp8 overlap`, then `e2e_fp8`.
 set -u
 OUT=${OUT:-/tmp/out}; RES=/tmp/gpu_session; mkdir -p "$OUT" "$RES"
 KNOBS=${KNOBS:-SCAN_TABLE_IN_REGISTERS=True SCAN_STAGES=4}
-STEPS=("$@"); [ ${#STEPS[@]} -gt 0 ] || STEPS=(tests probe bf16 fp8 overlap)
+STEPS=("$@"); [ ${#STEPS[@]} -gt 0 ] || STEPS=(tests probe bf16 fp8 overlap e2e_fp8)
 if compgen -G ".whl/*.whl" > /dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
 fi
@@ -52,6 +53,9 @@ for s in "${STEPS[@]}"; do
     overlap) knobs ${KNOB_SETS[0]}
              OUT=$RES PYTHONPATH="/tmp/knobs:$PYTHONPATH" timeout 300 python3 benchmarks/kcache_step_probe.py 23 32768 \
                overlap > "$RES/overlap.log" 2>&1; tail -25 "$RES/overlap.log" ;;
+    e2e_fp8) KV_DTYPE=fp8 MAX_SEQS=48 PROMPTS=44 TAG=_pool48_fp8_p44 OUT_DIR="$RES" CHUNK=8 DEVICE_GB=48 \
+               OUTPUT_LEN=1024 bash benchmarks/gpu_bench.sh 32768 > "$RES/e2e_fp8.log" 2>&1
+             grep -E "^metric|^output_tokens_per_s|full_batch_decode_tokens|^elapsed" "$RES/e2e_fp8.log" ;;
     *) echo "unknown step $s" >&2; exit 2 ;;
   esac
   tar czf "$OUT/gpu_session.tgz" -C "$RES" .
