@@ -6,7 +6,7 @@ Arguments are specialised as Triton's JIT specialises them on the GPU: pointers 
 arguments named in ALIGNED divisible by 16. The compiler, ptxas, cuobjdump and nvdisasm all come with the Triton
 wheel.
 
-    python benchmarks/compile_sm90.py [--dump DIR] [--table-in-registers --scan-stages 4]  # the kernels as launched
+    python benchmarks/compile_sm90.py [--dump DIR] [--table tile] [--scan-stages 3]  # as launched, or with other settings
 """
 from __future__ import annotations
 
@@ -83,10 +83,11 @@ def kernels() -> dict:
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dump", help="also write each kernel's TTGIR and PTX here")
-    parser.add_argument("--table-in-registers", action="store_true", help="the scan with SCAN_TABLE_IN_REGISTERS")
+    parser.add_argument("--table", choices=("regs", "tile"), default="regs" if td.SCAN_TABLE_IN_REGISTERS else "tile",
+                        help="the scan's block table in registers (SCAN_TABLE_IN_REGISTERS) or looked up per tile")
     parser.add_argument("--scan-stages", type=int, default=td.SCAN_STAGES, help="the scan's SCAN_STAGES")
     args = parser.parse_args()
-    td.SCAN_TABLE_IN_REGISTERS = args.table_in_registers or td.SCAN_TABLE_IN_REGISTERS
+    td.SCAN_TABLE_IN_REGISTERS = args.table == "regs"
     td.SCAN_STAGES = args.scan_stages
     for name, (fn, signature, constexprs, warps, stages) in kernels().items():
         kernel = compile_sm90(fn, signature, constexprs, warps, stages)

@@ -2,19 +2,20 @@
 # The next GPU session's runs in one device call (a machine goes back after 30 s idle, and starting one costs minutes
 # of the session's 30): the GPU tests, the uneven-slices fault probe, then the 32k rows (FullKV in the same runs) at
 # the defaults and with each set of knobs below, set through a sitecustomize, so the engine A/B needs no code change.
-#   bash benchmarks/gpu_session.sh [step ...]   steps: tests probe bf16 fp8 overlap e2e_fp8 (default: all, in order)
+#   bash benchmarks/gpu_session.sh [step ...]   steps: tests probe overlap bf16 fp8 e2e_fp8 16k 8k (default: all, in
+#   order; 16k and 8k: the bf16 and FP8 K rows at that length, at the defaults only)
 # Env: KNOBS (sets of triton_decode constants NAME=VALUE, the sets split by ';', no spaces in a value, e.g.
-# "BLOCK_L=4096;OVERLAP_SHARES=(3,1)": each row runs again under each set, and the step probe under the first; default
-# the scan's table in registers at 4 stages), N256=1 (bf16 also at N=256). Logs and
+# "BLOCK_L=4096;OVERLAP_SHARES=(3,1)": each 32k row runs again under each set; default OVERLAP_SHARES (3, 1) and
+# (5, 1)), N256=1 (every row also at N=256, the accuracy default). Logs and
 # results go to $OUT/gpu_session.tgz (one file: the device returns 8 at most), packed after each step. The wheels the
 # device image lacks (pydantic, pydantic_core, annotated_types, typing_inspection, gguf) go in .whl/ first (device
-# README) and travel by carry. About 18 minutes in all on the H100 (estimated: tests ~3, probe 1, bf16 2 x 2,
-# FP8 2 x 3, overlap 1-2, e2e_fp8 ~5: 44 prompts of 32k, 1024 new tokens, FullKV FP8 in two rounds of 22): within
-# one call's 10, name the steps, e.g. `tests probe bf16`, then `fp8 overlap`, then `e2e_fp8`.
+# README) and travel by carry. Measured on the H100 (sixth session): tests 2.5 min, probe 0.5, bf16 2 a row, FP8 3.5
+# a row, e2e_fp8 5; overlap ~1-2 and 16k / 8k ~5 each (estimated). One call runs 10 minutes at most: name the steps,
+# e.g. `overlap bf16`, then `fp8`, then `16k`.
 set -u
 OUT=${OUT:-/tmp/out}; RES=/tmp/gpu_session; mkdir -p "$OUT" "$RES"
-KNOBS=${KNOBS:-SCAN_TABLE_IN_REGISTERS=True SCAN_STAGES=4}
-STEPS=("$@"); [ ${#STEPS[@]} -gt 0 ] || STEPS=(tests probe bf16 fp8 overlap e2e_fp8)
+KNOBS=${KNOBS:-OVERLAP_SHARES=(3,1);OVERLAP_SHARES=(5,1)}
+STEPS=("$@"); [ ${#STEPS[@]} -gt 0 ] || STEPS=(tests probe overlap bf16 fp8 e2e_fp8 16k 8k)
 if compgen -G ".whl/*.whl" > /dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
 fi
@@ -49,10 +50,16 @@ for s in "${STEPS[@]}"; do
              CUDA_LAUNCH_BLOCKING=1 timeout 120 python3 benchmarks/slices_fault_probe.py shares "$table" 2>&1 | tail -2
            done | tee "$RES/probe.log" ;;
     bf16) rows _pool48_chunk8 MAX_SEQS=128 PROMPTS=23 TOP_NS="64${N256:+ 256}" ;;
-    fp8) rows _pool48_fp8 MAX_SEQS=48 PROMPTS=46 KV_DTYPE=fp8 ;;
-    overlap) knobs ${KNOB_SETS[0]}
-             OUT=$RES PYTHONPATH="/tmp/knobs:$PYTHONPATH" timeout 300 python3 benchmarks/kcache_step_probe.py 23 32768 \
-               overlap > "$RES/overlap.log" 2>&1; tail -25 "$RES/overlap.log" ;;
+    fp8) rows _pool48_fp8 MAX_SEQS=48 PROMPTS=46 KV_DTYPE=fp8 TOP_NS="64${N256:+ 256}" ;;
+    overlap) OUT=$RES timeout 300 python3 benchmarks/kcache_step_probe.py 23 32768 overlap > "$RES/overlap.log" 2>&1
+             tail -25 "$RES/overlap.log" ;;
+    16k|8k) len=$(( ${s%k} * 1024 )); p=$(( 23 * 32768 / len ))  # KCache bf16's batch; FP8 K's is twice that
+            for kv in auto fp8; do
+              if [ $kv = fp8 ]; then n=$(( 2 * p )) tag=_pool48_fp8; else n=$p tag=_pool48_chunk8; fi
+              env KV_DTYPE=$kv MAX_SEQS=$(( n + 4 )) PROMPTS=$n TOP_NS="64${N256:+ 256}" TAG=$tag OUT_DIR="$RES" \
+                CHUNK=8 DEVICE_GB=48 OUTPUT_LEN=64 bash benchmarks/gpu_bench.sh $len > "$RES/bench_${kv}_$s.log" 2>&1
+              echo "$kv"; grep -E "full_batch_decode_tokens|max_concurrent" "$RES/bench_${kv}_$s.log"
+            done ;;
     e2e_fp8) KV_DTYPE=fp8 MAX_SEQS=48 PROMPTS=44 TAG=_pool48_fp8_p44 OUT_DIR="$RES" CHUNK=8 DEVICE_GB=48 \
                OUTPUT_LEN=1024 bash benchmarks/gpu_bench.sh 32768 > "$RES/e2e_fp8.log" 2>&1
              grep -E "^metric|^output_tokens_per_s|full_batch_decode_tokens|^elapsed" "$RES/e2e_fp8.log" ;;

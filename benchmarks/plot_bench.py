@@ -1,5 +1,5 @@
 """Plot `kcache bench` results: decode tokens/s and the largest batch against prompt length, one line per mode
-(FullKV, KCache at each N found).
+(FullKV, KCache at each N found); bars by mode where the results hold one prompt length.
 
 Usage: python benchmarks/plot_bench.py benchmarks/results/bench_h100_*.json -o benchmarks/results/bench_h100.png
 """
@@ -45,16 +45,23 @@ def main() -> None:
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for ax, key, title in ((axes[0], metric, "decode tokens/s " + ("(steady state)" if steady else "(all decode steps)")),
                            (axes[1], "max_concurrent_seqs", "largest concurrent batch")):
-        for (name, points), marker in zip(series(runs, key).items(), "osD^v<>"):
-            lengths = sorted(points)
-            ax.plot(lengths, [points[n] for n in lengths], marker + "-", label=name)
-        ax.set_xscale("log", base=2)
+        lines = series(runs, key)
         every = sorted({r["args"]["input_len"] for r in runs})
-        ax.set_xticks(every, [f"{n // 1024}k" for n in every])
-        ax.set_xlabel("prompt tokens")
+        if len(every) == 1:  # one prompt length: a bar per mode, its value on it
+            bars = ax.bar(range(len(lines)), [points[every[0]] for points in lines.values()])
+            ax.bar_label(bars, fmt="%.0f")
+            ax.set_xticks(range(len(lines)), list(lines), rotation=25, ha="right")
+            ax.set_xlabel(f"{every[0] // 1024}k prompt tokens")
+        else:
+            for (name, points), marker in zip(lines.items(), "osD^v<>"):
+                lengths = sorted(points)
+                ax.plot(lengths, [points[n] for n in lengths], marker + "-", label=name)
+            ax.set_xscale("log", base=2)
+            ax.set_xticks(every, [f"{n // 1024}k" for n in every])
+            ax.set_xlabel("prompt tokens")
+            ax.legend()
         ax.set_title(title)
         ax.grid(alpha=0.3)
-        ax.legend()
     fig.suptitle(f"Llama-3.1-8B shapes (random weights), bf16 weights, {card}")
     fig.tight_layout()
     fig.savefig(args.output, dpi=120)

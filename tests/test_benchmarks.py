@@ -62,6 +62,23 @@ def test_plot_bench_plots_stored_results(tmp_path, monkeypatch):
     assert out.stat().st_size > 0
 
 
+def test_plot_bench_draws_one_prompt_length_as_a_bar_per_mode(tmp_path, monkeypatch):
+    """Runs at a single prompt length: one bar per mode, each bar's height the run's own number."""
+    results = BENCHMARKS / "results"
+    paths = [str(results / f"bench_h100_pool48_{tag}_in32768_out64.json") for tag in ("chunk8", "fp8")]
+    heights = []
+    plot_bench = load("plot_bench")
+    draw = plot_bench.plt.Axes.bar
+    monkeypatch.setattr(plot_bench.plt.Axes, "bar", lambda ax, x, h, **kw: heights.append(list(h)) or draw(ax, x, h, **kw))
+    monkeypatch.setattr(sys, "argv", ["plot_bench.py", *paths, "-o", str(tmp_path / "bars.png")])
+    plot_bench.main()
+    runs = [json.loads(open(p).read()) for p in paths]
+    decode = [runs[0]["results"][m]["full_batch_decode_tokens_per_s"] for m in ("full", "kcache")]
+    decode_fp8 = [runs[1]["results"][m]["full_batch_decode_tokens_per_s"] for m in ("full", "kcache")]
+    assert heights[0] == [decode[0], decode_fp8[0], decode[1], decode_fp8[1]]  # FullKV, FullKV FP8, KCache, KCache FP8 K
+    assert len(heights) == 2 and (tmp_path / "bars.png").stat().st_size > 0
+
+
 def test_plot_bench_keeps_fp8_runs_apart_from_bf16_ones():
     """bf16 and FP8 runs at the same prompt length are separate lines, each point the run's own number."""
     results = BENCHMARKS / "results"

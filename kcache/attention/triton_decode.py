@@ -61,14 +61,16 @@ SCAN_WARPS = 4
 # benchmarks/compile_sm90.py). On the lent H100 at 32k, ms per layer (benchmarks/results/kernel_ab_h100.json): FP8 K
 # at batch 46 0.548 with 4 stages against 0.569 looked up per tile (3 stages; 0.568 at 4), bf16 at batch 23 0.524
 # against 0.531. With it on, the step probe's uneven batch slices faulted (93d76e2: OVERLAP_SHARES (2, 1) at 32k,
-# batch 23 and 45): the pipeliner computes the table index of the 3 tiles past a split's end too (compiled for sm_90,
-# the loop's gather takes tile t + 3), which ran past the 128-entry table at batch 15's split of 120 blocks; the index
-# now wraps into it. Off until a GPU run confirms (tests/test_triton.py, slices_fault_probe.py), as every engine row
-# so far ran.
-SCAN_TABLE_IN_REGISTERS = False
-SCAN_STAGES = 3  # the software pipeline's depth over the scan's K tiles (4 with the table in registers)
+# batch 23 and 45): the pipeliner computes the table index of the SCAN_STAGES - 1 tiles past a split's end too, which
+# ran past the 128-entry table at batch 15's split of 120 blocks; the index now wraps into it (8ed707d: the GPU tests
+# and slices_fault_probe.py pass on the H100). In the engine at 32k on the H100, against the table looked up per tile
+# at 3 stages: bf16 K at batch 23 787 against 775 tok/s, FP8 K at batch 45 1336 against 1313
+# (benchmarks/results/bench_h100_pool48_*_8ed707d.json).
+SCAN_TABLE_IN_REGISTERS = True
+SCAN_STAGES = 4  # the software pipeline's depth over the scan's K tiles
 FULL_STAGES = 3  # the full decode's (H100: no launch of 9 beats 128 / 4 warps / 3 stages for FP8, all within 1% in bf16)
-BLOCK_L = 1024  # chunks ranked per program (each keeps its local top NP)
+BLOCK_L = 1024  # chunks ranked per program (each keeps its local top NP); 4096, one program per head at 32k, was
+# slower in the engine (bf16 K, 32k, batch 23, H100: 754 against 787 tok/s)
 RANK_WARPS = 8  # warps of a rank program: its bitonic top-k trades shuffles against shared-memory rounds
 MERGE_KEYS = 4096  # keys per merge program (its register tile)
 GATHER_ROWS = 128  # staged V rows summed per gather step
