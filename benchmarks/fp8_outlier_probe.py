@@ -10,7 +10,7 @@ one scale per (layer, KV head) with the same channels exact ("head": kcache.engi
 channels and scales are calibrated on 2048 tokens of another book (Peter Pan). Scored: perplexity and mean KL of the next-token distribution over 512
 tokens of Sherlock Holmes after 2048, against the exact cache.
 
-    python benchmarks/fp8_outlier_probe.py [--out docs/accuracy/fp8-outliers.json]
+    python benchmarks/fp8_outlier_probe.py [--out docs/accuracy/fp8-outliers.json] [--variants head:1,head:2 ...]
 """
 from __future__ import annotations
 
@@ -76,9 +76,19 @@ def next_token_logprobs(llm: LLM, ids: list[int], keep: dict[int, torch.Tensor |
         llm.engine.cache.attend = attend
 
 
+def variants(text: str) -> list[tuple[str, int]]:
+    """'head:1,head:2' -> [("head", 1), ("head", 2)]."""
+    out = [(kind, int(n)) for kind, n in (item.split(":") for item in text.split(","))]
+    if any(kind not in ("fp8", "channels", "pairs", "head") for kind, _ in out):
+        raise argparse.ArgumentTypeError(f"unknown storage in {text!r}")
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="docs/accuracy/fp8-outliers.json")
+    p.add_argument("--variants", type=variants, default=VARIANTS,
+                   help="storage:exact_channels, comma-separated (storages: fp8, channels, pairs, head)")
     args = p.parse_args()
     llm = LLM("smollm2", cache="full", dtype="float32", device="cpu")  # plain float32 K: each storage is simulated
     tokens = lambda book, n: llm.tokenizer(read_text(book), verbose=False)["input_ids"][:n]  # noqa: E731
@@ -89,7 +99,7 @@ def main() -> None:
     exact = next_token_logprobs(llm, ids, None)
     nll = lambda logp: -logp[torch.arange(len(target)), target].mean().item()  # noqa: E731
     rows = []
-    for kind, n in VARIANTS:
+    for kind, n in args.variants:
         scales = None
         if kind == "head":  # what the engine calibrates: the scales and the channels of calibration.calibrate
             fp8 = calibration.calibrate(llm.engine.model, calibration_ids, n)

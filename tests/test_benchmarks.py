@@ -3,6 +3,7 @@ engine cannot break a benchmark unseen; a script that needs Triton at import is 
 (skipped where its import fails for want of Triton alone, so a new GPU script needs no list kept beside it)."""
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import json
 import subprocess
@@ -103,6 +104,13 @@ def test_fp8_scale_probe_quantises_whole_blocks_and_measures_kl():
     q = torch.randn(2 * p.BLOCK, 4, 8, generator=g)
     assert torch.allclose(p.causal_kl(q, k, k), torch.zeros(2, dtype=torch.float64))
     assert (p.causal_kl(q, k, p.quantize_blocks(k)) > 0).all()
+
+
+def test_fp8_outlier_probe_reads_its_variants_and_refuses_unknown_storages():
+    variants = load("fp8_outlier_probe").variants
+    assert variants("head:1,channels:4") == [("head", 1), ("channels", 4)]
+    with pytest.raises(argparse.ArgumentTypeError, match="unknown storage"):
+        variants("head:1,int8:4")
 
 
 def test_compile_sm90_shows_the_fp8_scan_in_as_many_tensor_core_ops_as_the_bf16_one():
