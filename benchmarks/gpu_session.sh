@@ -29,15 +29,17 @@ knobs() {  # a sitecustomize setting triton_decode's constants NAME=VALUE in eve
     for kv in "$@"; do echo "td.${kv%%=*} = ${kv#*=}"; done; } > /tmp/knobs/sitecustomize.py
 }
 IFS=';' read -r -a KNOB_SETS <<< "$KNOBS"
+bench() {  # bench LOG LEN ENV...: one gpu_bench.sh run, 48 GiB device budget, chunks of 8, 64 new tokens unless ENV says
+  local log=$1 len=$2; shift 2
+  env OUT_DIR="$RES" CHUNK=8 DEVICE_GB=48 OUTPUT_LEN=64 "$@" bash benchmarks/gpu_bench.sh "$len" > "$RES/$log.log" 2>&1
+}
 rows() {  # rows TAG ENV...: the 32k row at the defaults, then under each knob set i (file tag _knobs<i>)
   local tag=$1; shift
-  env "$@" TAG="$tag" OUT_DIR="$RES" CHUNK=8 DEVICE_GB=48 OUTPUT_LEN=64 bash benchmarks/gpu_bench.sh 32768 \
-    > "$RES/bench$tag.log" 2>&1
+  bench "bench$tag" 32768 "$@" TAG="$tag"
   echo "defaults"; grep -E "^metric|full_batch_decode_tokens" "$RES/bench$tag.log"
   for i in "${!KNOB_SETS[@]}"; do
     knobs ${KNOB_SETS[$i]}
-    env "$@" TAG="${tag}_knobs$i" OUT_DIR="$RES" CHUNK=8 DEVICE_GB=48 OUTPUT_LEN=64 \
-      PYTHONPATH="/tmp/knobs:$PYTHONPATH" bash benchmarks/gpu_bench.sh 32768 > "$RES/bench${tag}_knobs$i.log" 2>&1
+    bench "bench${tag}_knobs$i" 32768 "$@" TAG="${tag}_knobs$i" PYTHONPATH="/tmp/knobs:$PYTHONPATH"
     echo "${KNOB_SETS[$i]}"; grep -E "full_batch_decode_tokens" "$RES/bench${tag}_knobs$i.log"
   done
 }
@@ -56,12 +58,10 @@ for s in "${STEPS[@]}"; do
     16k|8k) len=$(( ${s%k} * 1024 )); p=$(( 23 * 32768 / len ))  # KCache bf16's batch; FP8 K's is twice that
             for kv in auto fp8; do
               if [ $kv = fp8 ]; then n=$(( 2 * p )) tag=_pool48_fp8; else n=$p tag=_pool48_chunk8; fi
-              env KV_DTYPE=$kv MAX_SEQS=$(( n + 4 )) PROMPTS=$n TOP_NS="64${N256:+ 256}" TAG=$tag OUT_DIR="$RES" \
-                CHUNK=8 DEVICE_GB=48 OUTPUT_LEN=64 bash benchmarks/gpu_bench.sh $len > "$RES/bench_${kv}_$s.log" 2>&1
+              bench "bench_${kv}_$s" $len KV_DTYPE=$kv MAX_SEQS=$(( n + 4 )) PROMPTS=$n TOP_NS="64${N256:+ 256}" TAG=$tag
               echo "$kv"; grep -E "full_batch_decode_tokens|max_concurrent" "$RES/bench_${kv}_$s.log"
             done ;;
-    e2e_fp8) KV_DTYPE=fp8 MAX_SEQS=48 PROMPTS=44 TAG=_pool48_fp8_p44 OUT_DIR="$RES" CHUNK=8 DEVICE_GB=48 \
-               OUTPUT_LEN=1024 bash benchmarks/gpu_bench.sh 32768 > "$RES/e2e_fp8.log" 2>&1
+    e2e_fp8) bench e2e_fp8 32768 KV_DTYPE=fp8 MAX_SEQS=48 PROMPTS=44 TAG=_pool48_fp8_p44 OUTPUT_LEN=1024
              grep -E "^metric|^output_tokens_per_s|full_batch_decode_tokens|^elapsed" "$RES/e2e_fp8.log" ;;
     *) echo "unknown step $s" >&2; exit 2 ;;
   esac
