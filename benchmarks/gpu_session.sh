@@ -2,8 +2,10 @@
 # The next GPU session's runs in one device call (a machine goes back after 30 s idle, and starting one costs minutes
 # of the session's 30): the GPU tests, the uneven-slices fault probe, then the 32k rows (FullKV in the same runs) at
 # the defaults and with each set of knobs below, set through a sitecustomize, so the engine A/B needs no code change.
-#   bash benchmarks/gpu_session.sh [step ...]   steps: tests probe overlap bf16 fp8 e2e_fp8 16k 8k (default: all, in
-#   order; 16k and 8k: the bf16 and FP8 K rows at that length, at the defaults only)
+#   bash benchmarks/gpu_session.sh [step ...]   steps: tests probe overlap fp8v bf16 fp8 fp8hv e2e_fp8 16k 8k (default:
+#   all, in order; fp8v: the step probe's FP8 K op with FP8 host V in chunks of 16 against bf16 host V in chunks of 8;
+#   fp8hv: the FP8 K rows with FP8 host V in chunks of 16 (2 KiB reads); 16k and 8k: the bf16 and FP8 K rows at that
+#   length, at the defaults only)
 # Env: KNOBS (sets of triton_decode constants NAME=VALUE, the sets split by ';', no spaces in a value, e.g.
 # "BLOCK_L=4096;OVERLAP_SHARES=(3,1)": each 32k row runs again under each set; default OVERLAP_SHARES (3, 1) and
 # (5, 1)), N256=1 (every row also at N=256, the accuracy default). Logs and
@@ -15,7 +17,7 @@
 set -u
 OUT=${OUT:-/tmp/out}; RES=/tmp/gpu_session; mkdir -p "$OUT" "$RES"
 KNOBS=${KNOBS:-OVERLAP_SHARES=(3,1);OVERLAP_SHARES=(5,1)}
-STEPS=("$@"); [ ${#STEPS[@]} -gt 0 ] || STEPS=(tests probe overlap bf16 fp8 e2e_fp8 16k 8k)
+STEPS=("$@"); [ ${#STEPS[@]} -gt 0 ] || STEPS=(tests probe overlap fp8v bf16 fp8 fp8hv e2e_fp8 16k 8k)
 if compgen -G ".whl/*.whl" > /dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
 fi
@@ -53,8 +55,12 @@ for s in "${STEPS[@]}"; do
            done | tee "$RES/probe.log" ;;
     bf16) rows _pool48_chunk8 MAX_SEQS=128 PROMPTS=23 TOP_NS="64${N256:+ 256}" ;;
     fp8) rows _pool48_fp8 MAX_SEQS=48 PROMPTS=46 KV_DTYPE=fp8 TOP_NS="64${N256:+ 256}" ;;
+    fp8hv) rows _pool48_fp8_hostv8_chunk16 MAX_SEQS=48 PROMPTS=46 KV_DTYPE=fp8 HOST_V_DTYPE=fp8 CHUNK=16 \
+             TOP_NS="64${N256:+ 256}" ;;
     overlap) OUT=$RES timeout 300 python3 benchmarks/kcache_step_probe.py 23 32768 overlap > "$RES/overlap.log" 2>&1
              tail -25 "$RES/overlap.log" ;;
+    fp8v) OUT=$RES timeout 400 python3 benchmarks/kcache_step_probe.py 45 32768 fp8v > "$RES/fp8v.log" 2>&1
+          tail -14 "$RES/fp8v.log" ;;
     16k|8k) len=$(( ${s%k} * 1024 )); p=$(( 23 * 32768 / len ))  # KCache bf16's batch; FP8 K's is twice that
             for kv in auto fp8; do
               if [ $kv = fp8 ]; then n=$(( 2 * p )) tag=_pool48_fp8; else n=$p tag=_pool48_chunk8; fi

@@ -8,8 +8,10 @@ several shares (OVERLAP_SHARES: host copies beside the next slice's scan), the c
 looping programs (STAGE_PROGRAMS). Floors: the scan reads every K byte once from HBM; the
 gather reads `budget` V rows per KV head from host memory at PCIe speed (47 GB/s measured on the lent H200).
 
-    python benchmarks/kcache_step_probe.py [BATCH CONTEXT [parts|overlap|fp8]]  # default 25 32768; parts: the
-    gather's parts only; overlap: the slices sweep only; fp8: FP8 K (fp8_rows) and its slices sweep
+    python benchmarks/kcache_step_probe.py [BATCH CONTEXT [parts|overlap|fp8|fp8v]]  # default 25 32768; parts: the
+    gather's parts only; overlap: the slices sweep only; fp8: FP8 K (fp8_rows) and its slices sweep; fp8v: FP8 K
+    with FP8 host V in chunks of 16 (2 KiB reads at head_dim 128), against bf16 host V in chunks of 8, and the slices
+    sweep of a few shares for both
 """
 from __future__ import annotations
 
@@ -93,21 +95,23 @@ OVERLAPS = [((1,), 32, 64), ((1, 1), 32, 64), ((2, 1), 32, 64), ((3, 1), 32, 64)
             ((3, 1), 16, 64), ((1,), 0, 16)]  # (OVERLAP_SHARES, STAGE_PROGRAMS, STAGE_ROWS)
 
 
-def overlap_sweep(q, k, v, tables, lens, **pools) -> list[dict]:
+def overlap_sweep(q, k, v, tables, lens, chunk=8, overlaps=OVERLAPS, **pools) -> list[dict]:
     """The whole op with the batch in slices of OVERLAP_SHARES, whose host copies overlap the next slice's scan
-    (chunks of 8), the copy on one program per piece (0) or on a few looping programs, copying STAGE_ROWS rows at a
-    time. pools: the FP8 arguments of kcache_decode by layer (k_scales, k_exact: functions of the layer)."""
+    (chunks of `chunk` tokens), the copy on one program per piece (0) or on a few looping programs, copying STAGE_ROWS
+    rows at a time. pools: the FP8 arguments of kcache_decode by layer (k_scales, k_exact, v_scales: functions of the
+    layer)."""
     out = []
     default = td.OVERLAP_SHARES, td.STAGE_PROGRAMS, td.STAGE_ROWS
     extra = lambda l: {name: f(l) for name, f in pools.items()}  # noqa: E731
     for top_n in (64, 256):
-        cfg = KCacheConfig(top_n=top_n, chunk_tokens=8)
-        for shares, programs, rows in OVERLAPS:
+        cfg = KCacheConfig(top_n=top_n, chunk_tokens=chunk)
+        for shares, programs, rows in overlaps:
             td.OVERLAP_SHARES, td.STAGE_PROGRAMS, td.STAGE_ROWS = shares, programs, rows
             ms = per_step_ms(lambda: [td.kcache_decode(q, k[l], v[l], tables, lens, cfg, **extra(l))
                                       for l in range(LAYERS)])
             out.append({"overlap_shares": shares, "stage_programs": programs, "stage_rows": rows, "top_n": top_n,
-                        "chunk_tokens": 8, "fp8": bool(pools), "total_ms": ms})
+                        "chunk_tokens": chunk, "fp8": bool(pools), "host_v": "fp8" if "v_scales" in pools else "bf16",
+                        "total_ms": ms})
             print(json.dumps(out[-1]), flush=True)
     td.OVERLAP_SHARES, td.STAGE_PROGRAMS, td.STAGE_ROWS = default
     return out
@@ -154,9 +158,16 @@ def random_fp8_pool(blocks: int) -> torch.Tensor:
     return k
 
 
-def fp8_rows(batch: int, context: int, hbm: float) -> list[dict]:
+FP8_SETTINGS = [(8, 64, 4, "bf16"), (8, 64, 0, "bf16"), (8, 64, 4, "fp8"), (16, 64, 4, "fp8"), (8, 256, 4, "bf16"),
+                (8, 256, 4, "fp8"), (16, 256, 4, "fp8")]  # (chunk_tokens, top_n, exact channels, host V)
+FP8V_SETTINGS = [(8, 64, 4, "bf16"), (16, 64, 4, "fp8"), (16, 256, 4, "fp8")]
+FP8V_OVERLAPS = [((1,), 32, 64), ((1, 1), 32, 64), ((3, 1), 32, 64), ((5, 1), 32, 64)]
+
+
+def fp8_rows(batch: int, context: int, hbm: float, host_v_sweep: bool = False) -> list[dict]:
     """KCache's op over FP8 K (one scale per KV head; 4 exact channels, or none) with bf16 or FP8 host V, parts
-    timed as in kcache_rows, then FP8 FullKV (V in FP8 too) at half the batch."""
+    timed as in kcache_rows, then FP8 FullKV (V in FP8 too) at half the batch. host_v_sweep: FP8V_SETTINGS only,
+    and the slices sweep over FP8V_OVERLAPS for bf16 host V in chunks of 8 and FP8 host V in chunks of 16."""
     dev = torch.device("cuda")
     nb = batch * context // BS
     k = random_fp8_pool(nb)
@@ -173,8 +184,7 @@ def fp8_rows(batch: int, context: int, hbm: float) -> list[dict]:
     scale = D ** -0.5
     k_bytes = batch * context * HKV * D * LAYERS
     rows = []
-    for chunk, top_n, nx, host in [(8, 64, 4, "bf16"), (8, 64, 0, "bf16"), (8, 64, 4, "fp8"), (8, 256, 4, "bf16"),
-                                   (8, 256, 4, "fp8")]:
+    for chunk, top_n, nx, host in FP8V_SETTINGS if host_v_sweep else FP8_SETTINGS:
         cfg = KCacheConfig(top_n=top_n, chunk_tokens=chunk)
         kx = (lambda l: ExactChannels(exact.values[l], exact.channels[l])) if nx else (lambda l: None)
         pool, vsc = (v8, lambda l: vs[l]) if host == "fp8" else (v, lambda l: None)
@@ -193,8 +203,12 @@ def fp8_rows(batch: int, context: int, hbm: float) -> list[dict]:
                      "scan_floor_ms": (k_bytes + (exact.values.numel() * 2 if nx else 0)) / hbm * 1e3,
                      "gather_floor_ms": v_bytes / PCIE * 1e3})
         print(json.dumps(rows[-1]), flush=True)
-    rows += overlap_sweep(q, k, v, tables, lens, k_scales=lambda l: ks[l],
-                          k_exact=lambda l: ExactChannels(exact.values[l], exact.channels[l]))
+    k_pools = {"k_scales": lambda l: ks[l], "k_exact": lambda l: ExactChannels(exact.values[l], exact.channels[l])}
+    if host_v_sweep:
+        rows += overlap_sweep(q, k, v, tables, lens, 8, FP8V_OVERLAPS, **k_pools)
+        rows += overlap_sweep(q, k, v8, tables, lens, 16, FP8V_OVERLAPS, v_scales=lambda l: vs[l], **k_pools)
+    else:
+        rows += overlap_sweep(q, k, v, tables, lens, **k_pools)
     del k, exact
     torch.cuda.cudart().cudaHostUnregister(v.data_ptr())
     del v, v8
@@ -231,7 +245,10 @@ def main():
     mode = sys.argv[3] if len(sys.argv) > 3 else "all"
     hbm = hbm_read_bandwidth()
     print(f"HBM streaming read: {hbm / 1e12:.2f} TB/s", flush=True)
-    rows = fp8_rows(batch, context, hbm) if mode == "fp8" else kcache_rows(batch, context, hbm, mode)
+    if mode in ("fp8", "fp8v"):
+        rows = fp8_rows(batch, context, hbm, host_v_sweep=mode == "fp8v")
+    else:
+        rows = kcache_rows(batch, context, hbm, mode)
     result = {"card": torch.cuda.get_device_name(), "hbm_read_Bps": hbm, "kcache": rows}
     if mode == "all":
         result["full"] = full_row(batch // 2, context, hbm)
