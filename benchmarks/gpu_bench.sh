@@ -9,7 +9,8 @@
 # KV_DTYPE (auto or fp8: --kv-cache-dtype of every run, FullKV's and KCache's; default auto); HOST_V_DTYPE (auto or
 # fp8: KCache's --host-v-dtype; default auto); EXACT (--fp8-exact-channels of FP8 runs; default the engine's);
 # HOST_GB (host V pool,
-# default 96: FP8 K fits ~46 sequences of 32k in a 48 GiB device budget, whose bf16 V take ~97 GiB).
+# default 96: FP8 K fits ~46 sequences of 32k in a 48 GiB device budget, whose bf16 V take ~97 GiB); COMPARE=0 (the
+# first N runs KCache alone too: for variants of a KCache run whose FullKV has just run on the same machine).
 set -euo pipefail
 OUT_DIR=${OUT_DIR:-benchmarks/results}
 OUTPUT_LEN=${OUTPUT_LEN:-128}
@@ -28,7 +29,8 @@ LENS=("$@")
 for len in "${LENS[@]}"; do
   prompts=${PROMPTS:-$(( 2 * 1024 * 1024 / len ))}   # about twice what FullKV holds at once on an 80 GB card
   base="$OUT_DIR/bench_${CARD}${TAG:-}_in${len}_out${OUTPUT_LEN}"
-  python3 -m kcache bench "${COMMON[@]}" "${KC[@]}" --compare --top-n "${NS[0]}" --input-len "$len" \
+  if [ "${COMPARE:-1}" = 0 ]; then first=(--cache kcache); else first=(--compare); fi
+  python3 -m kcache bench "${COMMON[@]}" "${KC[@]}" "${first[@]}" --top-n "${NS[0]}" --input-len "$len" \
     --num-prompts "$prompts" --output-json "$base.json"
   for n in "${NS[@]:1}"; do
     python3 -m kcache bench "${COMMON[@]}" "${KC[@]}" --cache kcache --top-n "$n" --input-len "$len" \

@@ -35,13 +35,14 @@ bench() {  # bench LOG LEN ENV...: one gpu_bench.sh run, 48 GiB device budget, c
   local log=$1 len=$2; shift 2
   env OUT_DIR="$RES" CHUNK=8 DEVICE_GB=48 OUTPUT_LEN=64 "$@" bash benchmarks/gpu_bench.sh "$len" > "$RES/$log.log" 2>&1
 }
-rows() {  # rows TAG ENV...: the 32k row at the defaults, then under each knob set i (file tag _knobs<i>)
+rows() {  # rows TAG ENV...: the 32k row at the defaults, then KCache alone under each knob set i (file tag _knobs<i>;
+  # its FullKV is the defaults row's, the same machine a few minutes before)
   local tag=$1; shift
   bench "bench$tag" 32768 "$@" TAG="$tag"
   echo "defaults"; grep -E "^metric|full_batch_decode_tokens" "$RES/bench$tag.log"
   for i in "${!KNOB_SETS[@]}"; do
     knobs ${KNOB_SETS[$i]}
-    bench "bench${tag}_knobs$i" 32768 "$@" TAG="${tag}_knobs$i" PYTHONPATH="/tmp/knobs:$PYTHONPATH"
+    bench "bench${tag}_knobs$i" 32768 "$@" TAG="${tag}_knobs$i" COMPARE=0 PYTHONPATH="/tmp/knobs:$PYTHONPATH"
     echo "${KNOB_SETS[$i]}"; grep -E "full_batch_decode_tokens" "$RES/bench${tag}_knobs$i.log"
   done
 }
@@ -55,7 +56,7 @@ for s in "${STEPS[@]}"; do
            done | tee "$RES/probe.log" ;;
     bf16) rows _pool48_chunk8 MAX_SEQS=128 PROMPTS=23 TOP_NS="64${N256:+ 256}" ;;
     fp8) rows _pool48_fp8 MAX_SEQS=48 PROMPTS=46 KV_DTYPE=fp8 TOP_NS="64${N256:+ 256}" ;;
-    fp8hv) rows _pool48_fp8_hostv8_chunk16 MAX_SEQS=48 PROMPTS=46 KV_DTYPE=fp8 HOST_V_DTYPE=fp8 CHUNK=16 \
+    fp8hv) rows _pool48_fp8_hostv8_chunk16 MAX_SEQS=48 PROMPTS=46 KV_DTYPE=fp8 HOST_V_DTYPE=fp8 CHUNK=16 HOST_GB=52 \
              TOP_NS="64${N256:+ 256}" ;;
     overlap) OUT=$RES timeout 300 python3 benchmarks/kcache_step_probe.py 23 32768 overlap > "$RES/overlap.log" 2>&1
              tail -25 "$RES/overlap.log" ;;
